@@ -1,0 +1,238 @@
+"""Plotly figures with one theme, a colour-blind-safe palette and HTML + PNG/SVG/PDF export.
+
+Every figure function returns a `plotly.graph_objects.Figure`; `save_figure` writes it as
+interactive HTML (sharing one local copy of plotly.js per folder, so the files open offline) and
+as static images through kaleido, which needs a Chrome or Chromium browser on the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from .artifacts import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+# Okabe-Ito palette: distinguishable under the common colour-vision deficiencies.
+PALETTE = {
+    "base": "#0072B2", "post": "#D55E00", "repaired": "#009E73", "activation_addition": "#CC79A7",
+    "refusal_lora": "#E69F00", "other": "#56B4E9", "neutral": "#999999", "dark": "#000000",
+    "yellow": "#F0E442",
+}
+SEQUENCE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+LABELS = {"base": "base model", "post": "post-trained model", "repaired": "repaired model",
+          "activation_addition": "activation addition", "refusal_lora": "refusal LoRA"}
+# Widths in pixels for one-column and two-column paper layouts (at 96 px per inch: 3.5 in and 7 in);
+# PNG export doubles the pixel density.
+ONE_COLUMN = (336 * 2, 260 * 2)
+TWO_COLUMN = (672 * 2, 300 * 2)
+DEFAULT_SIZE = (760, 440)
+_warned_no_browser = False
+
+TEMPLATE = go.layout.Template(
+    layout=go.Layout(
+        font=dict(family="Arial, Helvetica, sans-serif", size=13, color="#222222"),
+        colorway=SEQUENCE,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        xaxis=dict(showline=True, linecolor="#444444", ticks="outside", gridcolor="#EEEEEE", zeroline=False),
+        yaxis=dict(showline=True, linecolor="#444444", ticks="outside", gridcolor="#EEEEEE", zeroline=False),
+        legend=dict(bgcolor="rgba(255,255,255,0.8)", borderwidth=0),
+        margin=dict(l=70, r=20, t=60, b=55),
+        title=dict(x=0.02, xanchor="left", font=dict(size=15)),
+    )
+)
+
+
+def colour(name: str, index: int = 0) -> str:
+    return PALETTE.get(name, SEQUENCE[index % len(SEQUENCE)])
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def _band_colour(hex_colour: str, alpha: float = 0.18) -> str:
+    red, green, blue = (int(hex_colour[index:index + 2], 16) for index in (1, 3, 5))
+    return f"rgba({red},{green},{blue},{alpha})"
+
+
+def per_layer_figure(
+    layers: Sequence[int],
+    series: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    y_title: str,
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    reference: float | None = None,
+    reference_label: str | None = None,
+    y_range: tuple[float, float] | None = None,
+    colours: Mapping[str, str] | None = None,
+    dashes: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Line per series over layers, with optional confidence bands and a horizontal reference."""
+    figure = go.Figure()
+    for index, (name, values) in enumerate(series.items()):
+        line_colour = (colours or {}).get(name) or colour(name, index)
+        if bands and name in bands:
+            low, high = bands[name]
+            figure.add_trace(go.Scatter(x=list(layers) + list(layers)[::-1], y=list(high) + list(low)[::-1],
+                                        fill="toself", fillcolor=_band_colour(line_colour), line=dict(width=0),
+                                        hoverinfo="skip", showlegend=False, name=f"{label(name)} 95% CI"))
+        figure.add_trace(go.Scatter(x=list(layers), y=list(values), mode="lines+markers", name=label(name),
+                                    line=dict(color=line_colour, width=2.2, dash=(dashes or {}).get(name, "solid")),
+                                    marker=dict(size=5)))
+    if reference is not None:
+        figure.add_hline(y=reference, line=dict(color=PALETTE["neutral"], dash="dot", width=1.2),
+                         annotation_text=reference_label, annotation_position="top left")
+    figure.update_layout(template=TEMPLATE, title=title, width=DEFAULT_SIZE[0], height=DEFAULT_SIZE[1],
+                         xaxis_title="layer (residual stream after block)", yaxis_title=y_title,
+                         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    if y_range is not None:
+        figure.update_yaxes(range=list(y_range))
+    return figure
+
+
+def grouped_bars(categories: Sequence[str], groups: Mapping[str, Sequence[float]], *, title: str, y_title: str,
+                 errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                 y_range: tuple[float, float] | None = None) -> go.Figure:
+    """Bars per category, one bar per group (model), with optional asymmetric error bars."""
+    figure = go.Figure()
+    for index, (name, values) in enumerate(groups.items()):
+        error_y = None
+        if errors and name in errors:
+            low, high = errors[name]
+            error_y = dict(type="data", symmetric=False,
+                           array=[max(0.0, h - v) for h, v in zip(high, values)],
+                           arrayminus=[max(0.0, v - l) for l, v in zip(low, values)], thickness=1.2, width=4)
+        figure.add_trace(go.Bar(x=list(categories), y=list(values), name=label(name), marker_color=colour(name, index),
+                                error_y=error_y, text=[f"{value:.2f}" for value in values], textposition="outside"))
+    figure.update_layout(template=TEMPLATE, title=title, barmode="group", width=DEFAULT_SIZE[0],
+                         height=DEFAULT_SIZE[1], yaxis_title=y_title,
+                         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    if y_range is not None:
+        figure.update_yaxes(range=list(y_range))
+    return figure
+
+
+def _write_plotly_bundle(folder: Path) -> None:
+    bundle = folder / "plotly.min.js"
+    if not bundle.exists():
+        from plotly.offline import get_plotlyjs
+
+        atomic_write_text(bundle, get_plotlyjs())
+
+
+def figure_html(figure: go.Figure, *, full_html: bool = True, plotly_js: str = "directory") -> str:
+    """HTML of a figure; `directory` loads plotly.min.js from the same folder."""
+    return pio.to_html(figure, full_html=full_html, include_plotlyjs=plotly_js,
+                       config={"displaylogo": False, "toImageButtonOptions": {"scale": 2}})
+
+
+def save_figure(figure: go.Figure, folder: str | Path, name: str, *,
+                formats: Sequence[str] = ("html", "png"), size: tuple[int, int] | None = None) -> list[Path]:
+    """Write the figure as `folder/name.<format>` for each format (html, png, svg, pdf).
+
+    Static formats need kaleido's browser; without one they are skipped with a warning naming the
+    fix, and the HTML is still written.
+    """
+    global _warned_no_browser
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = folder / f"{name}.{fmt}"
+        if fmt == "html":
+            _write_plotly_bundle(folder)
+            atomic_write_text(path, figure_html(figure))
+            written.append(path)
+            continue
+        width, height = size or (figure.layout.width or DEFAULT_SIZE[0], figure.layout.height or DEFAULT_SIZE[1])
+        try:
+            data = pio.to_image(figure, format=fmt, width=width, height=height, scale=2 if fmt == "png" else 1)
+        except Exception as error:  # kaleido raises several types when no browser is available
+            if not _warned_no_browser:
+                logger.warning("could not export %s (%s): %s. Install Chromium (for example "
+                               "`apt-get install -y chromium`) for PNG/SVG/PDF figures.", path, fmt, error)
+                _warned_no_browser = True
+            continue
+        atomic_write_bytes(path, data)
+        written.append(path)
+    return written
+
+
+# ---- diagnosis figures ------------------------------------------------------------------------
+
+def diagnosis_figures(diagnoses: Mapping[str, "object"], intervals: Mapping[str, dict] | None = None
+                      ) -> dict[str, go.Figure]:
+    """Per-layer figures of one or more diagnoses against the same base model, keyed by file name.
+
+    `diagnoses` maps a post-trained model's label to its `Diagnosis`; several labels are overlaid.
+    `intervals` maps the same labels to bootstrap intervals, drawn as bands.
+    """
+    many = len(diagnoses) > 1
+    first = next(iter(diagnoses.values()))
+    layers = first.layers
+    figures: dict[str, go.Figure] = {}
+
+    def key(name: str, quantity: str) -> str:
+        return f"{quantity} ({name})" if many else quantity
+
+    def band(name: str, metric: str):
+        found = (intervals or {}).get(name, {}).get(metric)
+        return (found["low"], found["high"]) if found else None
+
+    def post_colour(index: int) -> str:
+        return PALETTE["post"] if index == 0 else SEQUENCE[(index + 2) % len(SEQUENCE)]
+
+    series, bands, colours = {}, {}, {}
+    for index, (name, diagnosis) in enumerate(diagnoses.items()):
+        series_name = name if many else "cos(r_base, r_post)"
+        series[series_name] = diagnosis.metrics.direction_similarity
+        colours[series_name] = post_colour(index)
+        if band(name, "direction_similarity"):
+            bands[series_name] = band(name, "direction_similarity")
+    figures["similarity"] = per_layer_figure(
+        layers, series, bands=bands, colours=colours, title="Safety direction similarity, base vs post-trained",
+        y_title="cosine similarity", y_range=(-0.05, 1.05), reference=0.0)
+
+    series, bands, colours = {"base": first.metrics.separability_base}, {}, {"base": PALETTE["base"]}
+    if band(next(iter(diagnoses)), "separability_base"):
+        bands["base"] = band(next(iter(diagnoses)), "separability_base")
+    for index, (name, diagnosis) in enumerate(diagnoses.items()):
+        series_name = key(name, "post") if many else "post"
+        series[series_name] = diagnosis.metrics.separability_post
+        colours[series_name] = post_colour(index)
+        if band(name, "separability_post"):
+            bands[series_name] = band(name, "separability_post")
+    figures["separability"] = per_layer_figure(
+        layers, series, bands=bands, colours=colours,
+        title="Separability of harmful vs harmless along the base safety direction",
+        y_title="AUROC of projection on r̂_base", y_range=(0.4, 1.02), reference=0.5, reference_label="chance")
+
+    series, colours, dashes = {}, {}, {}
+    for index, (name, diagnosis) in enumerate(diagnoses.items()):
+        norm_name = key(name, "activation norm ratio") if many else "activation norm ratio"
+        capability_name = key(name, "capability direction ratio") if many else "capability direction ratio"
+        series[norm_name] = diagnosis.metrics.amplification
+        series[capability_name] = diagnosis.metrics.capability_amplification
+        colours[norm_name] = colours[capability_name] = post_colour(index)
+        dashes[capability_name] = "dash"
+    figures["amplification"] = per_layer_figure(
+        layers, series, colours=colours, dashes=dashes, title="Amplification by post-training",
+        y_title="post-trained / base (ratio)", reference=1.0, reference_label="no change")
+
+    series, colours = {}, {}
+    for index, (name, diagnosis) in enumerate(diagnoses.items()):
+        series_name = name if many else "masking m = q_post / q_base"
+        series[series_name] = diagnosis.metrics.masking
+        colours[series_name] = post_colour(index)
+    figures["masking"] = per_layer_figure(
+        layers, series, colours=colours, title="Masking of the safety signal (below 1: masked)",
+        y_title="safety signal share ratio", reference=1.0, reference_label="unmasked")
+    return figures

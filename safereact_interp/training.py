@@ -1,0 +1,221 @@
+"""LoRA plumbing shared by the repair, the refusal-LoRA baseline and the organism build.
+
+peft injects LoRA layers into the HF model *before* a TransformerBridge wraps it (peft cannot
+wrap the bridge's module wrappers). Because the bridge then renames the HF submodules, adapters
+are saved under the parameter names recorded before wrapping, in peft's own file layout, so that
+`PeftModel.from_pretrained` loads them unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedModel
+
+from .artifacts import atomic_write_text, save_tensors
+from .errors import ConfigError
+from .prompts import encode, render_chat
+
+logger = logging.getLogger(__name__)
+
+# Projection names of the attention and MLP blocks in common architectures.
+KNOWN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                     "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h",
+                     "dense_4h_to_h", "fc1", "fc2", "out_proj", "qkv_proj", "gate_up_proj", "w1", "w2", "w3")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA rank, scaling, target module names and the layers that receive adapters."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    modules: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"LoRA rank must be at least 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["modules"] = list(self.modules) if self.modules else None
+        data["layers"] = list(self.layers) if self.layers else None
+        return data
+
+
+def lora_target_modules(hf_model: PreTrainedModel, requested: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The projection names that LoRA wraps: `requested`, or every known projection found.
+
+    Raises `ConfigError` when the architecture has none of them (nothing LoRA can adapt).
+    """
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in hf_model.named_modules()
+                    if type(module).__name__ in ("Linear", "Conv1D")}
+    if requested:
+        missing = [name for name in requested if name not in linear_names]
+        if missing:
+            raise ConfigError(
+                f"LoRA target modules {missing} are not linear layers of {type(hf_model).__name__}; "
+                f"its linear layers are {sorted(linear_names)}")
+        return tuple(requested)
+    found = tuple(name for name in KNOWN_PROJECTIONS if name in linear_names)
+    if not found:
+        raise ConfigError(
+            f"architecture {type(hf_model).__name__} has no attention or MLP projection that LoRA can "
+            f"adapt (linear layers: {sorted(linear_names) or 'none'}); pass module names explicitly")
+    return found
+
+
+def add_lora(hf_model: PreTrainedModel, settings: LoraSettings, *, seed: int = 0):
+    """Inject LoRA layers (peft) into `hf_model` and return the peft model; only LoRA weights train."""
+    modules = lora_target_modules(hf_model, settings.modules)
+    config = LoraConfig(
+        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=list(modules), layers_to_transform=list(settings.layers) if settings.layers else None,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(hf_model, config)
+
+
+def lora_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
+    """Trainable LoRA parameters by their peft name (recorded before any bridge renames them)."""
+    return {name: parameter for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+
+
+def adapter_key(name: str, adapter_name: str = "default") -> str:
+    """peft's saved key for a parameter name: the adapter name is dropped from it."""
+    return name.replace(f".{adapter_name}.", ".")
+
+
+def save_adapter(peft_model, folder: str | Path, parameters: dict[str, torch.nn.Parameter], *,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` as peft's `save_pretrained` does.
+
+    `parameters` maps peft names to the LoRA parameters (see `lora_parameters`); `dtype` optionally
+    casts the saved weights (float16 halves the file).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {adapter_key(name): parameter.detach().to(dtype or parameter.dtype)
+               for name, parameter in parameters.items()}
+    save_tensors(folder / "adapter_model.safetensors", tensors)
+    config = peft_model.peft_config["default"]
+    config_dict = config.to_dict()
+    for key, value in list(config_dict.items()):
+        if isinstance(value, set):
+            config_dict[key] = sorted(value)
+    import json
+
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config_dict, indent=2, default=str))
+    return folder
+
+
+def count_parameters(model: torch.nn.Module, parameters: dict[str, torch.nn.Parameter]) -> tuple[int, int]:
+    """(trainable, total) parameter counts; total excludes the LoRA weights themselves."""
+    trainable = sum(parameter.numel() for parameter in parameters.values())
+    total = sum(parameter.numel() for parameter in model.parameters())
+    return trainable, total - trainable
+
+
+# ---- supervised fine-tuning on (prompt, response) pairs ----------------------------------------
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A user prompt and the response the model should learn to give."""
+
+    prompt: str
+    response: str
+    ends: bool = True  # append EOS: False for responses cut off mid-answer
+
+
+@dataclass
+class SFTResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def tokenize_examples(tokenizer, examples: Sequence[SFTExample], *, system_prompt: str | None = None,
+                      max_length: int = 256) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels (-100 on the prompt) of each example, response ending with EOS."""
+    rendered = render_chat(tokenizer, [example.prompt for example in examples], system_prompt=system_prompt)
+    prompts = encode(tokenizer, rendered)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    items = []
+    for prompt_ids, example in zip(prompts, examples):
+        response_ids = tokenizer(example.response, add_special_tokens=False).input_ids
+        if example.ends:
+            response_ids = response_ids + eos
+        ids = (prompt_ids + response_ids)[:max_length]
+        labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+        items.append((ids, labels))
+    return items
+
+
+def collate_right_padded(items: Sequence[tuple[list[int], list[int]]], pad_id: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (ids, labels) pairs into input_ids, attention_mask and labels tensors."""
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, item_labels) in enumerate(items):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(item_labels)] = torch.tensor(item_labels)
+        mask[row, :len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: int, batch_size: int = 8,
+              learning_rate: float = 5e-4, seed: int = 0, system_prompt: str | None = None,
+              on_step: Callable[[int, float], None] | None = None) -> SFTResult:
+    """Fine-tune the LoRA weights with cross-entropy on the response tokens.
+
+    Batches are drawn by a seeded shuffle that cycles through the examples; the learning rate
+    decays linearly to zero over `steps`.
+    """
+    import time
+
+    if steps < 1:
+        raise ConfigError(f"training steps must be at least 1, got {steps}")
+    if not examples:
+        raise ConfigError("no training examples given")
+    items = tokenize_examples(tokenizer, examples, system_prompt=system_prompt)
+    parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    rng = random.Random(seed)
+    order: list[int] = []
+    result = SFTResult()
+    device = next(peft_model.parameters()).device
+    start = time.perf_counter()
+    peft_model.train()
+    for step in range(steps):
+        if len(order) < batch_size:
+            shuffled = list(range(len(items)))
+            rng.shuffle(shuffled)
+            order.extend(shuffled)
+        batch = [items[index] for index in order[:batch_size]]
+        del order[:batch_size]
+        input_ids, mask, labels = (tensor.to(device) for tensor in collate_right_padded(batch, tokenizer.pad_token_id))
+        loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(float(loss))
+        if on_step is not None:
+            on_step(step, float(loss))
+    peft_model.eval()
+    result.seconds = time.perf_counter() - start
+    return result
