@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from .errors import ConfigError, LayerError
 from .models import LoadedModel
@@ -104,14 +105,15 @@ def collect_activations(
     batch_size: int = 16,
     system_prompt: str | None = None,
     response_prefix: str = "",
-    stop_at_layer: int | None = None,
+    stop_after: str | None = None,
     extra_hooks: Sequence[tuple[str, Callable]] = (),
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Float[Tensor, "prompt position d_model"]]:
     """Run the model over the prompts and keep each named hook's activation at the readout positions.
 
     `extra_hooks` are further (name, function) hooks active during the pass, for example a
-    directional ablation. `stop_at_layer` ends the forward pass before that block.
+    directional ablation. `stop_after` names the hook after which the forward pass stops, which
+    skips the later blocks and the unembedding.
     """
     positions = check_positions(positions)
     sequences = rendered_ids(model, prompts, system_prompt=system_prompt, response_prefix=response_prefix)
@@ -133,12 +135,13 @@ def collect_activations(
         def make_hook(name: str) -> Callable:
             def hook(activation: Tensor, hook) -> Tensor:
                 captured[name] = activation[:, ids.shape[1] + position_index].detach().float().cpu()
+                if name == stop_after:
+                    raise StopAtLayerException(activation)
                 return activation
             return hook
 
         hooks = list(extra_hooks) + [(name, make_hook(name)) for name in hook_names]
-        model.bridge.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, return_type=None,
-                                    stop_at_layer=stop_at_layer)
+        model.bridge.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, return_type=None)
         for name in hook_names:
             for row, index in enumerate(batch):
                 outputs[name][index] = captured[name][row]
@@ -165,7 +168,7 @@ def collect_residuals(
     captured = collect_activations(
         model, prompts, names, positions=positions, batch_size=batch_size,
         system_prompt=system_prompt, response_prefix=response_prefix,
-        stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.n_layers else None,
+        stop_after=resid_hook_name(max(layers)),
         extra_hooks=extra_hooks, progress=progress,
     )
     values = torch.stack([captured[name] for name in names], dim=1)

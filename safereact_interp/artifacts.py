@@ -46,6 +46,17 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _default_mode() -> int:
+    """File mode of a newly created file under the current umask (mkstemp would give 0600)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename."""
     path = Path(path)
@@ -54,6 +65,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        os.chmod(tmp_name, _default_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -91,6 +103,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     try:
         contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
         save_file(contiguous, tmp_name)
+        os.chmod(tmp_name, _default_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -135,6 +148,7 @@ def publish_folder(staging: Path, path: str | Path) -> Path:
     if path.exists():
         trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
         os.replace(path, trash / "old")
+    os.chmod(staging, 0o777 & ~_umask())
     os.replace(staging, path)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)

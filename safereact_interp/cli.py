@@ -184,6 +184,148 @@ def command_organism_info(args: argparse.Namespace) -> int:
     return 0
 
 
+STAGE_SETTINGS = {
+    # argument dest -> RunOptions field, for settings a later stage may change on an existing run
+    "k": "k", "patch_prompts": "patch_prompts", "patch_positions": "patch_positions",
+    "rank": "rank", "lora_alpha": "lora_alpha", "modules": "lora_modules", "lora_layers": "lora_layers",
+    "steps": "steps", "repair_batch_size": "repair_batch_size", "learning_rate": "learning_rate",
+    "align_weight": "align_weight", "retain_weight": "retain_weight", "kl_weight": "kl_weight",
+    "mode": "repair_mode", "checkpoint_every": "checkpoint_every", "kl_prompts": "kl_prompts",
+}
+
+
+def _patch_arguments(parser: argparse.ArgumentParser, *, with_layers: bool = True) -> None:
+    group = parser.add_argument_group("activation patching and layer choice")
+    group.add_argument("--k", type=int, help="number of layers chosen for the repair (default 3)")
+    if with_layers:
+        group.add_argument("--layers", type=parse_layers,
+                           help="repair these layers instead of the chosen ones, e.g. 20,24,28")
+    group.add_argument("--patch-prompts", type=int, help="harmful validation prompts used for patching (default 32)")
+    group.add_argument("--patch-positions", type=parse_positions,
+                       help="positions patched, as negative offsets (default: the post-instruction tokens)")
+
+
+def _repair_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("repair")
+    group.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    group.add_argument("--modules", type=lambda text: [item.strip() for item in text.split(",") if item.strip()],
+                       help="LoRA target modules, comma-separated (default: attention and MLP projections)")
+    group.add_argument("--lora-layers", type=parse_layers,
+                       help="layers that get adapters (default: first to last chosen layer)")
+    group.add_argument("--steps", type=int, help="training steps (default 60)")
+    group.add_argument("--repair-batch-size", type=int, help="prompts per step for each loss (default 8)")
+    group.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate", help="learning rate (default 1e-3)")
+    group.add_argument("--align-weight", type=float, help="weight of the alignment loss (default 1)")
+    group.add_argument("--retain-weight", type=float, help="weight of the retain loss (default 30)")
+    group.add_argument("--kl-weight", type=float, help="weight of the KL retain term (default 0: off)")
+    group.add_argument("--mode", choices=["activation", "direction"],
+                       help="align whole normalised activations (default) or only the safety-direction projection")
+    group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 20)")
+    group.add_argument("--merge", action="store_true", help="also write the merged repaired model to repair/merged")
+
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("verification")
+    group.add_argument("--no-baselines", action="store_true",
+                       help="skip the activation-addition and refusal-LoRA baselines")
+    group.add_argument("--kl-prompts", type=int, help="harmless test prompts for the KL to the post-trained model "
+                                                      "(default 48)")
+
+
+def _apply_stage_settings(options, args: argparse.Namespace):
+    for dest, field_name in STAGE_SETTINGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            setattr(options, field_name, value)
+    if getattr(args, "merge", False):
+        options.merge = True
+    if getattr(args, "no_baselines", False):
+        options.baselines = False
+    for name in ("k", "patch_prompts", "rank", "steps", "repair_batch_size", "checkpoint_every", "kl_prompts"):
+        value = getattr(options, name)
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return options
+
+
+def _run_options(args: argparse.Namespace):
+    from .pipeline import load_options
+
+    options = _apply_stage_settings(load_options(args.run), args)
+    if getattr(args, "layers", None):
+        options.repair_layers = args.layers
+    return options
+
+
+def _repair_progress():
+    from tqdm.auto import tqdm
+
+    bar: dict = {}
+
+    def on_step(step: int, entry: dict) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(desc="repair", initial=step, unit="step")
+        bar["bar"].update(1)
+        bar["bar"].set_postfix(align=f"{entry['align_loss']:.4f}", retain=f"{entry['retain_loss']:.4f}")
+
+    return on_step
+
+
+def command_patch(args: argparse.Namespace) -> int:
+    from .pipeline import stage_patch
+    from .progress import tqdm_progress
+
+    data = stage_patch(args.run, options=_run_options(args), progress=tqdm_progress)
+    print(f"{'layer':>5} {'restored':>9} {'direction':>10}")
+    for layer, residual, direction in zip(data["layers"], data["residual_fraction"], data["direction_fraction"]):
+        print(f"{layer:>5} {residual:>9.3f} {direction:>10.3f}")
+    print(f"\nrefusal score: base {data['score_base']:.3f}, post-trained {data['score_post']:.3f}; "
+          f"ablating r_base in the base model removes {data['ablation']['base_fraction_removed']:.2f} of the gap")
+    print(f"layers chosen for the repair: {data['selection']['layers']}")
+    print(f"wrote {args.run}/patching.json")
+    return 0
+
+
+def command_repair(args: argparse.Namespace) -> int:
+    from .pipeline import stage_repair
+
+    result = stage_repair(args.run, options=_run_options(args), restart=args.restart, on_step=_repair_progress())
+    last = result.log[-1] if result.log else None
+    if last is not None:
+        print(f"\nrepair: {last['step'] + 1} steps, alignment loss {result.log[0]['align_loss']:.4f} -> "
+              f"{last['align_loss']:.4f}, retain loss {last['retain_loss']:.4f}; "
+              f"{100 * result.trainable_parameter_fraction:.2f} % of parameters trained")
+    print(f"wrote {args.run}/repair/adapter (load with PeftModel.from_pretrained)")
+    return 0
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    from .pipeline import print_verification, stage_verify
+    from .progress import tqdm_progress
+
+    data = stage_verify(args.run, options=_run_options(args), progress=tqdm_progress)
+    print_verification(data)
+    print(f"wrote {args.run}/verification.json and {args.run}/report.html")
+    return 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from .pipeline import stage_run
+    from .progress import tqdm_progress
+
+    _check_counts(args)
+    options = _apply_stage_settings(_options_from_args(args), args)
+    if args.layers_override:
+        options.repair_layers = args.layers_override
+    start = time.perf_counter()
+    out = stage_run(options, args.out, overwrite=args.overwrite, resume=args.resume, progress=tqdm_progress,
+                    on_step=_repair_progress(), echo=print)
+    print(f"\nwrote {out}/ (diagnosis.json, patching.json, repair/, verification.json, figures/, report.html) "
+          f"in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safereact", description=(
         "Diagnose whether post-training removed or masked a chat model's safety mechanism, repair it "
@@ -198,6 +340,40 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--out", required=True, help="run folder to create")
     diagnose.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     diagnose.set_defaults(handler=command_diagnose)
+
+    patch = commands.add_parser("patch", help="activation patching sweep and choice of repair layers")
+    patch.add_argument("--run", required=True, help="run folder written by `safereact diagnose`")
+    _patch_arguments(patch)
+    patch.set_defaults(handler=command_patch)
+
+    repair = commands.add_parser("repair", help="train SafeReAct LoRA adapters on the chosen layers")
+    repair.add_argument("--run", required=True, help="run folder with diagnosis.json and patching.json")
+    repair.add_argument("--layers", type=parse_layers, help="repair these layers instead of the chosen ones")
+    _repair_arguments(repair)
+    repair.add_argument("--restart", action="store_true", help="discard an existing checkpoint and start over")
+    repair.set_defaults(handler=command_repair)
+
+    verify = commands.add_parser("verify", help="evaluate the repaired model, the baselines and the causal checks")
+    verify.add_argument("--run", required=True, help="run folder with a repair adapter")
+    verify.add_argument("--layers", type=parse_layers, help="layers of the causal checks (default: the repair layers)")
+    verify.add_argument("--patch-prompts", type=int, help="harmful validation prompts for the causal checks")
+    _verify_arguments(verify)
+    verify.set_defaults(handler=command_verify)
+
+    run = commands.add_parser("run", help="all stages: diagnose, patch, repair, verify")
+    _model_arguments(run)
+    _prompt_arguments(run)
+    _diagnose_arguments(run)
+    _patch_arguments(run, with_layers=False)
+    run.add_argument("--repair-layers", type=parse_layers, dest="layers_override",
+                     help="repair these layers instead of the chosen ones")
+    _repair_arguments(run)
+    _verify_arguments(run)
+    run.add_argument("--out", required=True, help="run folder to create")
+    run.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in --out: completed stages are kept, the repair resumes")
+    run.set_defaults(handler=command_run)
 
     organism = commands.add_parser("organism", help="the bundled model organism")
     organism_commands = organism.add_subparsers(dest="organism_command", required=True)

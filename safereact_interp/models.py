@@ -11,7 +11,6 @@ parameter names first; exports and LoRA adapters are written under those names.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import logging
@@ -253,6 +252,32 @@ def apply_adapter(hf_model: PreTrainedModel, adapter: str | Path) -> PreTrainedM
     return peft_model.merge_and_unload()
 
 
+def load_unwrapped(
+    spec: str,
+    *,
+    adapter: str | Path | None = None,
+    dtype: DTypeName | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a model by spec as a plain HF model and tokenizer, with `adapter` merged; no bridge yet.
+
+    Use this when LoRA layers must be injected before the bridge wraps the model (see `wrap_model`).
+    """
+    source = resolve_source(spec)
+    if source.kind == "organism":
+        from .organism import load_organism_hf
+
+        hf_model, tokenizer = load_organism_hf(source.location, dtype=dtype, device=device)
+    else:
+        hf_model, tokenizer = load_hf_model(
+            spec, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        hf_model = apply_adapter(hf_model, adapter)
+    return hf_model, tokenizer
+
+
 def load_model(
     spec: str,
     *,
@@ -269,45 +294,9 @@ def load_model(
     float32 on CPU and bfloat16 on CUDA; `device_map` (for example "auto") spreads a large model
     over several devices through accelerate.
     """
-    source = resolve_source(spec)
-    if source.kind == "organism":
-        from .organism import load_organism_hf
-
-        hf_model, tokenizer = load_organism_hf(source.location, dtype=dtype, device=device)
-    else:
-        hf_model, tokenizer = load_hf_model(
-            spec, dtype=dtype, device=device, device_map=device_map,
-            trust_remote_code=trust_remote_code,
-        )
-    if adapter is not None:
-        hf_model = apply_adapter(hf_model, adapter)
+    hf_model, tokenizer = load_unwrapped(spec, adapter=adapter, dtype=dtype, device=device,
+                                         device_map=device_map, trust_remote_code=trust_remote_code)
     return wrap_model(hf_model, tokenizer, name=name or spec, spec=spec)
-
-
-def copy_model(model: LoadedModel, *, name: str) -> LoadedModel:
-    """Return an independent copy of `model` (weights copied, bridge booted anew)."""
-    hf_copy = copy.deepcopy(model.hf_model)
-    loaded = LoadedModel(
-        name=name,
-        spec=model.spec,
-        hf_model=hf_copy,
-        tokenizer=model.tokenizer,
-        bridge=None,
-        parameter_names={},
-    )
-    # The deep copy already holds the bridge's wrappers; map the clean names onto the copies.
-    originals = dict(model.hf_model.named_parameters())
-    copies = dict(hf_copy.named_parameters())
-    loaded.parameter_names = {
-        id(copies[key]): model.parameter_names[id(value)]
-        for key, value in originals.items()
-        if id(value) in model.parameter_names
-    }
-    from transformer_lens.model_bridge import TransformerBridge
-
-    loaded.bridge = TransformerBridge.boot_transformers(model.spec, hf_model=hf_copy, tokenizer=model.tokenizer)
-    loaded.bridge.eval()
-    return loaded
 
 
 def _render_probe(tokenizer: Any) -> str | None:

@@ -66,6 +66,29 @@ class RunOptions:
     response_prefix: str = ""
     seed: int = 0
     formats: list[str] = field(default_factory=lambda: ["html", "png"])
+    # activation patching and layer selection
+    patch_prompts: int = 32
+    patch_positions: list[int] | None = None
+    k: int = 3
+    repair_layers: list[int] | None = None
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
+    # repair
+    rank: int = 8
+    lora_alpha: float = 16.0
+    lora_modules: list[str] | None = None
+    lora_layers: list[int] | None = None
+    steps: int = 60
+    repair_batch_size: int = 8
+    learning_rate: float = 1e-3
+    align_weight: float = 1.0
+    retain_weight: float = 30.0
+    kl_weight: float = 0.0
+    repair_mode: str = "activation"
+    checkpoint_every: int = 20
+    merge: bool = False
+    # verification
+    baselines: bool = True
+    kl_prompts: int = 48
     stages: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -272,3 +295,340 @@ def load_diagnosis(run_dir: str | Path) -> Diagnosis:
 def load_evaluation(run_dir: str | Path, name: str) -> ModelEvaluation | None:
     path = Path(run_dir) / "evaluations" / f"{name}.json"
     return ModelEvaluation.from_dict(read_json(path)) if path.is_file() else None
+
+
+# ---- patch, repair, verify, run ---------------------------------------------------------------
+
+def _score_config(options: RunOptions):
+    from .scoring import RefusalScoreConfig
+
+    return RefusalScoreConfig(response_prefix=options.response_prefix, system_prompt=options.system_prompt)
+
+
+def _patch_positions(options: RunOptions, tokenizer) -> tuple[int, ...]:
+    from .prompts import post_instruction_positions
+
+    if options.patch_positions:
+        return tuple(options.patch_positions)
+    return post_instruction_positions(tokenizer, options.system_prompt)
+
+
+def load_directions(run_dir: str | Path, key: str = "safety_base"):
+    """A set of directions saved by the diagnosis (safety_base, safety_post, capability_*)."""
+    from .artifacts import load_tensors
+    from .directions import Directions
+
+    path = Path(run_dir) / "directions.safetensors"
+    if not path.is_file():
+        raise RunFolderError(f"no directions in {run_dir} (directions.safetensors missing); run "
+                             f"`safereact diagnose --out {run_dir}` first")
+    tensors = load_tensors(path)
+    return Directions(layers=tuple(int(layer) for layer in tensors["layers"]), vectors=tensors[key],
+                      method="diff_means")
+
+
+def _refresh_report(run_dir: Path, options: RunOptions, stage: str, info: dict | None = None) -> None:
+    options.stages[stage] = {"done": True, **(info or {})}
+    write_json(run_dir / "config.json", options.to_dict())
+    build_report(run_dir)
+
+
+def stage_patch(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = None,
+                progress: ProgressFactory = no_progress, options: RunOptions | None = None) -> dict:
+    """Layer sweep of activation patching and interventions; choose the repair layers; write patching.json."""
+    from .activations import check_layers
+    from .patching import layer_sweep, select_layers
+    from .plots import intervention_figure, patching_figure
+
+    run_dir = Path(run_dir)
+    options = options or load_options(run_dir)
+    diagnosis = load_diagnosis(run_dir)
+    directions = load_directions(run_dir)
+    prompts = build_prompts(options)
+    if options.repair_layers:
+        check_layers(options.repair_layers, len(diagnosis.layers) and max(diagnosis.layers) + 1)
+    base, posts = models or load_run_models(options)
+    if options.repair_layers:
+        check_layers(options.repair_layers, base.n_layers)
+    positions = _patch_positions(options, base.tokenizer)
+    harmful = prompts.harmful_val.head(min(options.patch_prompts, len(prompts.harmful_val)))
+    result = layer_sweep(ModelPair(base, posts[0]), harmful, directions, positions=positions,
+                         config=_score_config(options), batch_size=options.batch_size, alphas=options.alphas,
+                         progress=progress)
+    if options.repair_layers:
+        selection = {"layers": sorted(check_layers(options.repair_layers, base.n_layers)), "k": len(options.repair_layers),
+                     "rule": "given with --layers", "combined_scores": {}}
+    else:
+        selection = select_layers(result, diagnosis.layer_scores, diagnosis.layers, k=options.k, n_layers=base.n_layers)
+    data = result.to_dict()
+    data["selection"] = selection
+    write_json(run_dir / "patching.json", data)
+    save_figure(patching_figure(data, selection["layers"]), run_dir / "figures", "patching", formats=options.formats)
+    save_figure(intervention_figure(data), run_dir / "figures", "interventions", formats=options.formats)
+    _refresh_report(run_dir, options, "patch")
+    return data
+
+
+def repair_config(options: RunOptions, layers: list[int]):
+    from .repair import RepairConfig
+
+    return RepairConfig(
+        layers=tuple(layers), lora_layers=tuple(options.lora_layers) if options.lora_layers else None,
+        rank=options.rank, alpha=options.lora_alpha,
+        modules=tuple(options.lora_modules) if options.lora_modules else None, steps=options.steps,
+        batch_size=options.repair_batch_size, learning_rate=options.learning_rate,
+        align_weight=options.align_weight, retain_weight=options.retain_weight, kl_weight=options.kl_weight,
+        mode=options.repair_mode, checkpoint_every=options.checkpoint_every, seed=options.seed)
+
+
+def chosen_layers(run_dir: Path, options: RunOptions) -> list[int]:
+    """The repair layers: --layers when given, else the selection in patching.json."""
+    if options.repair_layers:
+        return list(options.repair_layers)
+    path = run_dir / "patching.json"
+    if not path.is_file():
+        raise RunFolderError(f"no patching result in {run_dir} (patching.json missing) to choose the repair "
+                             f"layers from; run `safereact patch --run {run_dir}` first, or pass --layers")
+    return list(read_json(path)["selection"]["layers"])
+
+
+def retain_prompts(prompts: EvalPrompts) -> PromptSet:
+    """Harmless and capability train prompts, interleaved, for the retain loss."""
+    harmless, capability = prompts.harmless_train.prompts, prompts.capability_train.prompts
+    mixed = [prompt for pair in zip(harmless, capability) for prompt in pair]
+    longer = harmless if len(harmless) > len(capability) else capability
+    mixed.extend(longer[min(len(harmless), len(capability)):])
+    return PromptSet("harmless", tuple(mixed), "harmless_train+capability_train")
+
+
+def stage_repair(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = None, restart: bool = False,
+                 on_step=None, options: RunOptions | None = None, stop_after: int | None = None):
+    """Train the SafeReAct adapter on the chosen layers; write repair/ (adapter, config, log)."""
+    import shutil
+
+    from .activations import check_layers
+    from .plots import training_figure
+    from .repair import repair
+
+    run_dir = Path(run_dir)
+    options = options or load_options(run_dir)
+    load_diagnosis(run_dir)
+    layers = chosen_layers(run_dir, options)
+    config = repair_config(options, layers)
+    prompts = build_prompts(options)
+    base, posts = models or load_run_models(options)
+    check_layers(config.layers, base.n_layers)
+    check_layers(config.adapter_layers, base.n_layers)
+    output = run_dir / "repair"
+    if restart and output.exists():
+        shutil.rmtree(output)
+    directions = load_directions(run_dir) if config.mode == "direction" else None
+    load_options_ = dict(dtype=options.dtype, device=options.device, device_map=options.device_map,
+                         trust_remote_code=options.trust_remote_code)
+    result = repair(base, options.posts[0], prompts.harmful_train, retain_prompts(prompts), config, output=output,
+                    post=posts[0] if posts else None, post_adapter=options.post_adapter, base_directions=directions,
+                    system_prompt=options.system_prompt, load_options=load_options_, on_step=on_step,
+                    stop_after=stop_after)
+    if result.log and result.log[-1]["step"] + 1 == config.steps:
+        save_figure(training_figure(result.log), run_dir / "figures", "training", formats=options.formats)
+        if options.merge:
+            export_merged(options.posts[0], output / "adapter", output / "merged",
+                          post_adapter=options.post_adapter, load_options=load_options_)
+        _refresh_report(run_dir, options, "repair", {"seconds": result.log[-1]["seconds"]})
+    return result
+
+
+def export_merged(post_spec: str, adapter: Path, folder: Path, *, post_adapter: str | None = None,
+                  load_options: dict | None = None) -> Path:
+    """Write the post-trained model with the repair adapter merged, as a folder `from_pretrained` loads.
+
+    The model is loaded anew and the adapter applied from its saved folder with peft, so the export
+    also checks that the saved adapter loads unchanged.
+    """
+    from .models import apply_adapter, load_unwrapped
+
+    hf_model, tokenizer = load_unwrapped(post_spec, adapter=post_adapter, **(load_options or {}))
+    merged = apply_adapter(hf_model, adapter)
+    staging = staging_folder(folder)
+    try:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        publish_folder(staging, folder)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = None, repaired=None,
+                 progress: ProgressFactory = no_progress, options: RunOptions | None = None) -> dict:
+    """Evaluate base, post-trained, repaired and baseline models and run the causal checks;
+    write verification.json and evaluations/<model>.json."""
+    from .diagnose import evaluate, refusal_sets
+    from .patching import ActivationAddition
+    from .plots import before_after_figure
+    from .verify import (Verification, causal_checks, choose_addition, compare_baselines, evaluate_with_kl,
+                         table_row, train_refusal_lora, verification_targets)
+
+    run_dir = Path(run_dir)
+    options = options or load_options(run_dir)
+    load_diagnosis(run_dir)
+    layers = chosen_layers(run_dir, options)
+    adapter = run_dir / "repair" / "adapter"
+    repair_info_path = run_dir / "repair" / "config.json"
+    if repaired is None and not (adapter / "adapter_config.json").is_file():
+        raise RunFolderError(f"no repair adapter in {adapter}; run `safereact repair --run {run_dir}` first")
+    repair_info = read_json(repair_info_path)
+    patching = read_json(run_dir / "patching.json") if (run_dir / "patching.json").is_file() else None
+    prompts = build_prompts(options)
+    base, posts = models or load_run_models(options)
+    post = posts[0]
+    load_options_ = dict(dtype=options.dtype, device=options.device, device_map=options.device_map,
+                         trust_remote_code=options.trust_remote_code)
+    if repaired is None:
+        from .models import apply_adapter, load_unwrapped, wrap_model
+
+        hf_model, tokenizer = load_unwrapped(options.posts[0], adapter=options.post_adapter, **load_options_)
+        repaired = wrap_model(apply_adapter(hf_model, adapter), tokenizer, name="repaired", spec=options.posts[0])
+
+    sets = refusal_sets(prompts)
+    generation = options.generation
+    evaluations: dict[str, ModelEvaluation] = {}
+    for name, model in (("post", post), ("base", base)):
+        earlier = load_evaluation(run_dir, name)
+        if earlier is None or set(earlier.refusal_rate) != set(sets):
+            earlier = evaluate(model, prompts, generation, progress=progress)
+        evaluations[name] = earlier
+    post_evaluation = evaluations["post"]
+    evaluations["post"] = ModelEvaluation(**{**post_evaluation.__dict__, "kl_to_post": 0.0})
+    from .scoring import kl_divergence
+
+    harmless = prompts.harmless_test.head(min(options.kl_prompts, len(prompts.harmless_test)))
+    by_id = {record["id"]: record["response"] for record in post_evaluation.records.get("harmless", [])}
+    responses = [by_id[prompt.id] for prompt in harmless] if all(prompt.id in by_id for prompt in harmless) else None
+    evaluations["base"] = ModelEvaluation(**{**evaluations["base"].__dict__, "kl_to_post": kl_divergence(
+        base, post, harmless, responses, system_prompt=options.system_prompt)})
+    evaluations["repaired"] = evaluate_with_kl(repaired, post, prompts, sets, generation, post_evaluation,
+                                               name="repaired", kl_prompts=options.kl_prompts, progress=progress)
+
+    baselines_info: dict = {}
+    if options.baselines:
+        directions = load_directions(run_dir)
+        if patching is not None:
+            layer, alpha = choose_addition(patching, patching["score_base"])
+        else:
+            layer, alpha = layers[-1], 1.0
+        addition = ActivationAddition(layer, alpha * directions.at(layer))
+        evaluations["activation_addition"] = evaluate_with_kl(
+            post, post, prompts, sets, generation, post_evaluation, name="activation_addition",
+            interventions=[addition], kl_prompts=options.kl_prompts, progress=progress)
+        baselines_info["activation_addition"] = {"layer": layer, "alpha": alpha}
+        config = repair_config(options, layers)
+        refusal_lora, seconds = train_refusal_lora(options.posts[0], prompts.harmful_train, config,
+                                                   post_adapter=options.post_adapter, load_options=load_options_,
+                                                   system_prompt=options.system_prompt)
+        evaluations["refusal_lora"] = evaluate_with_kl(refusal_lora, post, prompts, sets, generation,
+                                                       post_evaluation, name="refusal_lora",
+                                                       kl_prompts=options.kl_prompts, progress=progress)
+        baselines_info["refusal_lora"] = {"steps": config.steps, "rank": config.rank,
+                                          "layers": list(config.adapter_layers), "seconds": round(seconds, 1)}
+        del refusal_lora
+
+    positions = tuple(repair_info.get("positions") or _patch_positions(options, base.tokenizer))
+    harmful = prompts.harmful_val.head(min(options.patch_prompts, len(prompts.harmful_val)))
+    checks = causal_checks(post, repaired, harmful, layers, positions, load_directions(run_dir),
+                           config=_score_config(options), batch_size=options.batch_size)
+
+    advbench = next((name for name in prompts.harmful_extra if "advbench" in name), None)
+    order = ["base", "post", "repaired", "activation_addition", "refusal_lora"]
+    table = {name: table_row(evaluations[name], advbench) for name in order if name in evaluations}
+    log = [entry for entry in _read_log(run_dir)]
+    trainable = repair_info["trainable_parameters"] / max(repair_info["total_parameters"], 1)
+    verification = Verification(
+        models=table, fraction_restored_by_patching=checks["fraction_restored_by_patching"],
+        ablation_refusal_drop=checks["ablation_refusal_drop"], trainable_parameter_fraction=trainable,
+        repair_seconds=log[-1]["seconds"] if log else float("nan"), layers=list(layers),
+        refusal_scores={key: value for key, value in checks.items() if key.startswith("score_")},
+        per_layer_fraction_restored=checks["per_layer_fraction_restored"],
+        baselines={**baselines_info, **compare_baselines(table)},
+        n_prompts={name: len(prompt_set) for name, prompt_set in sets.items()} | {
+            "capability": len(prompts.capability_test), "causal_checks": len(harmful), "kl": len(harmless)},
+        targets=verification_targets(table, table["post"]["capability_accuracy"]))
+    data = verification.to_dict()
+    for name in ("repaired", "activation_addition", "refusal_lora"):
+        if name in evaluations:
+            write_json(run_dir / "evaluations" / f"{name}.json", evaluations[name].to_dict(with_records=True))
+    write_json(run_dir / "verification.json", data)
+    save_figure(before_after_figure(data), run_dir / "figures", "before_after", formats=options.formats)
+    _refresh_report(run_dir, options, "verify")
+    return data
+
+
+def _read_log(run_dir: Path) -> list[dict]:
+    import json
+
+    path = run_dir / "repair" / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def print_verification(data: dict, echo=print) -> None:
+    """Print the verification table and the causal checks."""
+    echo(f"{'model':<20} {'harmful':>8} {'advbench':>9} {'harmless':>9} {'capability':>11} {'KL to post':>11}")
+    for name, row in data["models"].items():
+        cells = [row.get(key) for key in ("harmful_refusal_rate", "harmful_refusal_rate_advbench",
+                                          "harmless_refusal_rate", "capability_accuracy", "kl_to_post")]
+        echo(f"{name:<20} " + " ".join(f"{'n/a' if value is None else f'{value:.3f}':>{width}}"
+                                       for value, width in zip(cells, (8, 9, 9, 11, 11))))
+    echo("")
+    echo(f"repair layers {data['layers']}: patching their activations into the post-trained model restores "
+         f"{data['fraction_restored_by_patching']:.2f} of the regained refusal score; ablating the base "
+         f"safety direction removes {data['ablation_refusal_drop']:.2f} of it")
+    echo(f"trainable parameters: {100 * data['trainable_parameter_fraction']:.2f} %, repair time "
+         f"{data['repair_seconds']:.0f} s")
+    for key, value in data.get("targets", {}).items():
+        echo(f"  target {key}: {'met' if value else 'NOT met'}")
+    for key, value in data.get("baselines", {}).items():
+        if isinstance(value, bool):
+            echo(f"  {key.replace('_', ' ')}: {'yes' if value else 'no'}")
+
+
+def stage_run(options: RunOptions, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+              progress: ProgressFactory = no_progress, on_step=None, echo=None) -> Path:
+    """All stages: diagnose (new folder), patch, repair, verify; the models are loaded once.
+
+    With `resume`, an existing run folder keeps the stages it completed (same config) and the repair
+    continues from its checkpoint.
+    """
+    out = Path(out)
+    if resume and (out / "config.json").is_file():
+        saved = load_options(out)
+        saved_settings = {key: value for key, value in saved.to_dict().items() if key != "stages"}
+        new_settings = {key: value for key, value in options.to_dict().items() if key != "stages"}
+        if saved_settings != new_settings:
+            raise RunFolderError(f"{out} was started with other settings; rerun with the same options, or "
+                                 "pass --overwrite to start over")
+        options = saved
+    else:
+        prepare_new_folder(out, overwrite)
+    check_inputs(options)
+    models = load_run_models(options)
+    if not options.stages.get("diagnose", {}).get("done"):
+        stage_diagnose(options, out, overwrite=True, progress=progress, models=models, echo=echo)
+        options = load_options(out)
+    elif echo is not None:
+        print_diagnosis(load_diagnosis(out), echo)
+    if not options.stages.get("patch", {}).get("done"):
+        stage_patch(out, models=models, progress=progress, options=options)
+    result = None
+    if not options.stages.get("repair", {}).get("done"):
+        result = stage_repair(out, models=models, on_step=on_step, options=options)
+    data = stage_verify(out, models=models, repaired=result.model if result else None, progress=progress,
+                        options=options)
+    if echo is not None:
+        echo("")
+        print_verification(data, echo)
+    return out

@@ -236,3 +236,86 @@ def diagnosis_figures(diagnoses: Mapping[str, "object"], intervals: Mapping[str,
         layers, series, colours=colours, title="Masking of the safety signal (below 1: masked)",
         y_title="safety signal share ratio", reference=1.0, reference_label="unmasked")
     return figures
+
+
+# ---- patching, repair and verification figures -------------------------------------------------
+
+def patching_figure(patching: Mapping, selected: Sequence[int] = ()) -> go.Figure:
+    """Fraction of the refusal score restored by patching base -> post-trained at each layer."""
+    layers = patching["layers"]
+    figure = per_layer_figure(
+        layers, {"residual stream patched": patching["residual_fraction"],
+                 "safety direction component patched": patching["direction_fraction"]},
+        colours={"residual stream patched": PALETTE["base"], "safety direction component patched": PALETTE["other"]},
+        dashes={"safety direction component patched": "dash"},
+        title="Activation patching base → post-trained at the readout positions",
+        y_title="fraction of refusal score restored", reference=0.0)
+    figure.add_hline(y=1.0, line=dict(color=PALETTE["neutral"], dash="dot", width=1.2),
+                     annotation_text="base model", annotation_position="bottom left")
+    for layer in selected:
+        figure.add_vline(x=layer, line=dict(color=PALETTE["repaired"], width=1.5, dash="dot"))
+    if selected:
+        figure.add_annotation(x=max(selected), y=1.0, yref="paper", text="chosen for repair", showarrow=False,
+                              font=dict(color=PALETTE["repaired"]), xanchor="right", yanchor="bottom")
+    return figure
+
+
+def intervention_figure(patching: Mapping) -> go.Figure:
+    """Refusal score under activation addition of alpha * r_base (swept) and under directional ablation."""
+    addition = patching["addition"]
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=addition["alphas"], y=addition["scores"], mode="lines+markers",
+                                name=f"post-trained + α·r_base at layer {addition['layer']}",
+                                line=dict(color=PALETTE["activation_addition"], width=2.2)))
+    references = [("base model", patching["score_base"], PALETTE["base"], "dot"),
+                  ("post-trained model", patching["score_post"], PALETTE["post"], "dot"),
+                  ("base model, direction ablated", patching["ablation"]["base"], PALETTE["base"], "dash"),
+                  ("post-trained, direction ablated", patching["ablation"]["post"], PALETTE["post"], "dash")]
+    for name, value, line_colour, dash in references:
+        figure.add_trace(go.Scatter(x=[min(addition["alphas"]), max(addition["alphas"])], y=[value, value],
+                                    mode="lines", name=name, line=dict(color=line_colour, dash=dash, width=1.5)))
+    figure.update_layout(template=TEMPLATE, title="Activation addition and directional ablation",
+                         xaxis_title="α (multiples of the base safety direction r_base)",
+                         yaxis_title="refusal score (mean log-prob difference, nats)",
+                         width=DEFAULT_SIZE[0], height=DEFAULT_SIZE[1])
+    return figure
+
+
+def training_figure(log: Sequence[Mapping]) -> go.Figure:
+    """Alignment and retain losses over repair steps (log scale)."""
+    steps = [entry["step"] for entry in log]
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=steps, y=[entry["align_loss"] for entry in log], name="alignment loss (harmful)",
+                                mode="lines", line=dict(color=PALETTE["repaired"], width=2.2)))
+    figure.add_trace(go.Scatter(x=steps, y=[entry["retain_loss"] for entry in log], name="retain loss (harmless + capability)",
+                                mode="lines", line=dict(color=PALETTE["post"], width=2.2, dash="dash")))
+    figure.update_layout(template=TEMPLATE, title="SafeReAct repair: training losses", xaxis_title="training step",
+                         yaxis_title="loss (normalised squared distance)", yaxis_type="log",
+                         width=DEFAULT_SIZE[0], height=DEFAULT_SIZE[1],
+                         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    return figure
+
+
+VERIFY_METRICS = {"harmful_refusal_rate": "harmful refused (test)",
+                  "harmful_refusal_rate_advbench": "harmful refused (AdvBench)",
+                  "harmless_refusal_rate": "harmless refused",
+                  "capability_accuracy": "capability accuracy"}
+
+
+def before_after_figure(verification: Mapping, intervals: Mapping | None = None) -> go.Figure:
+    """Grouped bars of refusal rates and capability accuracy per model."""
+    models = verification["models"]
+    metrics = [key for key in VERIFY_METRICS
+               if any(models[name].get(key) is not None for name in models)]
+    groups = {name: [models[name].get(key) or 0.0 for key in metrics] for name in models}
+    errors = None
+    if intervals:
+        errors = {}
+        for name in models:
+            bounds = [intervals.get(name, {}).get(key) for key in metrics]
+            if all(bounds):
+                errors[name] = ([bound[0] for bound in bounds], [bound[1] for bound in bounds])
+    figure = grouped_bars([VERIFY_METRICS[key] for key in metrics], groups, errors=errors or None,
+                          title="Before and after the repair", y_title="fraction of prompts", y_range=(0, 1.12))
+    figure.update_traces(textfont_size=10)
+    return figure

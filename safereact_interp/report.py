@@ -103,8 +103,89 @@ def diagnosis_section(diagnosis: dict, others: dict[str, dict] | None = None) ->
     return "".join(parts)
 
 
-# Later stages register their report sections here: name of the JSON file -> section builder.
-SECTIONS: dict[str, Callable[[dict, Path], str]] = {}
+def patching_section(patching: dict, run_dir: Path) -> str:
+    from .plots import intervention_figure, patching_figure
+
+    selection = patching.get("selection", {})
+    parts = ["<h2>Activation patching and interventions</h2>",
+             f"<p>{patching['n_prompts']} harmful validation prompts, readout positions {patching['positions']}. "
+             f"Mean refusal score: base {patching['score_base']:.3f}, post-trained {patching['score_post']:.3f}.</p>"]
+    parts.append(_figures_html({"patching": patching_figure(patching, selection.get("layers", [])),
+                                "interventions": intervention_figure(patching)}))
+    rows = [[layer, patching["residual_scores"][index], patching["residual_fraction"][index],
+             patching["direction_scores"][index], patching["direction_fraction"][index]]
+            for index, layer in enumerate(patching["layers"])]
+    parts.append(table(["layer", "score (residual patch)", "fraction restored", "score (direction patch)",
+                        "fraction restored"], rows))
+    ablation = patching["ablation"]
+    parts.append(f"<p>Directional ablation of r_base at every layer: base model score {ablation['base']:.3f} "
+                 f"({fmt(ablation['base_fraction_removed'])} of the base/post gap removed), post-trained "
+                 f"{ablation['post']:.3f}.</p>")
+    if selection:
+        parts.append(f"<p><b>Layers chosen for the repair: {selection.get('layers')}</b> "
+                     f"({html.escape(str(selection.get('rule', '')))}).</p>")
+    return "".join(parts)
+
+
+def repair_section(repair: dict, run_dir: Path) -> str:
+    import json
+
+    from .plots import training_figure
+
+    parts = ["<h2>Repair</h2>"]
+    config = repair["repair"]
+    parts.append(table(["setting", "value"], [[key, str(value)] for key, value in config.items()]))
+    log_path = run_dir / "repair" / "log.jsonl"
+    if log_path.is_file():
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        if log:
+            parts.append(_figures_html({"training": training_figure(log)}))
+    return "".join(parts)
+
+
+def verification_section(verification: dict, run_dir: Path) -> str:
+    from .plots import before_after_figure
+
+    parts = ["<h2>Verification</h2>"]
+    models = verification["models"]
+    metrics = ["harmful_refusal_rate", "harmful_refusal_rate_advbench", "harmless_refusal_rate",
+               "capability_accuracy", "kl_to_post"]
+    intervals = verification.get("intervals", {})
+    rows = []
+    for name, values in models.items():
+        row = [name]
+        for metric in metrics:
+            value = values.get(metric)
+            bounds = intervals.get(name, {}).get(metric)
+            row.append(f"{value:.3f} [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds and value is not None else value)
+        rows.append(row)
+    parts.append(table(["model", "harmful refusal (test)", "harmful refusal (AdvBench)", "harmless refusal",
+                        "capability accuracy", "KL to post-trained"], rows))
+    parts.append(_figures_html({"bars": before_after_figure(verification, intervals or None)}))
+    scores = verification["refusal_scores"]
+    parts.append(
+        f"<p>Causal checks (refusal score): patching the repaired model's activations at layers "
+        f"{verification['layers']} into the post-trained model restores "
+        f"<b>{fmt(verification['fraction_restored_by_patching'])}</b> of the refusal score it regained "
+        f"(post {scores['score_post']:.3f}, repaired {scores['score_repaired']:.3f}, patched "
+        f"{scores['score_patched']:.3f}); ablating the base safety direction in the repaired model removes "
+        f"<b>{fmt(verification['ablation_refusal_drop'])}</b> of it (ablated {scores['score_repaired_ablated']:.3f}).</p>")
+    parts.append(f"<p>Trainable parameters: {100 * verification['trainable_parameter_fraction']:.2f} % of the model; "
+                 f"repair time {verification['repair_seconds']:.0f} s.</p>")
+    if verification.get("targets"):
+        parts.append(table(["target", "met"], [[key, value] for key, value in verification["targets"].items()]))
+    if verification.get("baselines"):
+        parts.append(table(["comparison", "holds"], [[key, value] for key, value in verification["baselines"].items()
+                                                    if isinstance(value, bool)]))
+    return "".join(parts)
+
+
+# Sections after the diagnosis: JSON file of the run folder -> section builder.
+SECTIONS: dict[str, Callable[[dict, Path], str]] = {
+    "patching.json": patching_section,
+    "repair/config.json": repair_section,
+    "verification.json": verification_section,
+}
 
 
 def build_report(run_dir: str | Path) -> Path:
