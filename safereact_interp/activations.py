@@ -106,13 +106,13 @@ def collect_activations(
     system_prompt: str | None = None,
     response_prefix: str = "",
     stop_after: str | None = None,
-    extra_hooks: Sequence[tuple[str, Callable]] = (),
+    interventions: Sequence = (),
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Float[Tensor, "prompt position d_model"]]:
     """Run the model over the prompts and keep each named hook's activation at the readout positions.
 
-    `extra_hooks` are further (name, function) hooks active during the pass, for example a
-    directional ablation. `stop_after` names the hook after which the forward pass stops, which
+    `interventions` (see `scoring.Intervention`) change the pass, for example a directional
+    ablation or a patch. `stop_after` names the hook after which the forward pass stops, which
     skips the later blocks and the unembedding.
     """
     positions = check_positions(positions)
@@ -140,7 +140,9 @@ def collect_activations(
                 return activation
             return hook
 
-        hooks = list(extra_hooks) + [(name, make_hook(name)) for name in hook_names]
+        hooks = [hook for intervention in interventions
+                 for hook in intervention.hooks(torch.tensor(batch), 1, 0, ids.shape[1])]
+        hooks += [(name, make_hook(name)) for name in hook_names]
         model.bridge.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, return_type=None)
         for name in hook_names:
             for row, index in enumerate(batch):
@@ -159,7 +161,7 @@ def collect_residuals(
     batch_size: int = 16,
     system_prompt: str | None = None,
     response_prefix: str = "",
-    extra_hooks: Sequence[tuple[str, Callable]] = (),
+    interventions: Sequence = (),
     progress: Callable[[int], None] | None = None,
 ) -> ResidualActivations:
     """Collect the residual stream after each block in `layers` (all layers when None)."""
@@ -169,7 +171,7 @@ def collect_residuals(
         model, prompts, names, positions=positions, batch_size=batch_size,
         system_prompt=system_prompt, response_prefix=response_prefix,
         stop_after=resid_hook_name(max(layers)),
-        extra_hooks=extra_hooks, progress=progress,
+        interventions=interventions, progress=progress,
     )
     values = torch.stack([captured[name] for name in names], dim=1)
     return ResidualActivations(layers=layers, positions=tuple(positions), values=values)

@@ -369,15 +369,15 @@ def repair(
                 reference_log_probs = torch.log_softmax(reference_logits.float()[real], dim=-1)
                 kl = (reference_log_probs.exp() * (reference_log_probs - torch.log_softmax(logits.float()[real], -1))).sum(-1).mean()
                 loss = loss + config.kl_weight * kl
-                kl_value = float(kl)
+                kl_value = float(kl.detach())
 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            entry = {"step": step, "align_loss": float(align), "retain_loss": float(keep), "kl": kl_value,
-                     "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+            entry = {"step": step, "align_loss": float(align.detach()), "retain_loss": float(keep.detach()), "kl": kl_value,
+                     "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"],
                      "seconds": round(time.perf_counter() - started, 2)}
             log.append(entry)
             log_file.write(json.dumps(entry) + "\n")

@@ -213,9 +213,9 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        result.losses.append(float(loss))
+        result.losses.append(float(loss.detach()))
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, result.losses[-1])
     peft_model.eval()
     result.seconds = time.perf_counter() - start
     return result

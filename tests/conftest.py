@@ -78,6 +78,35 @@ def tiny_post_dir(tmp_path_factory, tokenizer) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-post"), seed=1, tokenizer=tokenizer)
 
 
+def build_planted_post(base_dir: Path, folder: Path, *, scale: float = 1.6, seed: int = 7) -> Path:
+    """A "post-trained" copy of a tiny model: blocks 1 and up get amplified MLP outputs and perturbed
+    attention outputs; embeddings, final norm and unembedding stay the base model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.down_proj.weight.mul_(scale)
+            weight = layer.self_attn.o_proj.weight
+            weight.add_(0.3 * weight.std() * torch.randn(weight.shape, generator=generator))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def planted_post_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    return build_planted_post(tiny_model_dir, tmp_path_factory.mktemp("tiny-planted-post"))
+
+
+@pytest.fixture(scope="session")
+def planted_pair(tiny_model_dir, planted_post_dir):
+    from safereact_interp.models import load_pair
+
+    return load_pair(str(tiny_model_dir), str(planted_post_dir), dtype="float32", device="cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     from safereact_interp.models import load_model

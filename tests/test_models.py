@@ -1,0 +1,94 @@
+import importlib.util
+
+import pytest
+import torch
+
+from safereact_interp.errors import ModelLoadError, PairMismatchError
+from safereact_interp.models import check_pair, load_model, load_pair, resolve_source
+
+
+def test_load_local_folder(tiny_model):
+    assert tiny_model.n_layers == 4
+    assert tiny_model.d_model == 64
+    assert tiny_model.tokenizer.padding_side == "left"
+    assert "blocks.3.hook_resid_post" in tiny_model.bridge.hook_dict
+
+
+def test_missing_path_raises(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(str(tmp_path / "no-such-model"))
+
+
+def test_folder_without_config_raises(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_missing_gguf_file_raises(tmp_path):
+    with pytest.raises(ModelLoadError, match="GGUF file .* not found"):
+        resolve_source(str(tmp_path / "model.gguf"))
+
+
+def test_gguf_without_package_raises(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "gguf" else real_find_spec(name, *args))
+    with pytest.raises(ModelLoadError, match="pip install gguf"):
+        load_model(str(path))
+
+
+def test_unknown_dtype_raises(tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load_model(str(tiny_model_dir), dtype="float8")
+
+
+def test_unknown_organism_part_raises():
+    with pytest.raises(ModelLoadError, match="organism:base or organism:post"):
+        load_model("organism:teacher")
+
+
+def test_pair_of_identical_models(tiny_model_dir):
+    pair = load_pair(str(tiny_model_dir), str(tiny_model_dir), dtype="float32", device="cpu")
+    assert pair.base is not pair.post
+
+
+def test_layer_mismatch_raises(tmp_path, tiny_model, tokenizer):
+    from conftest import build_tiny_model
+
+    other = load_model(str(build_tiny_model(tmp_path / "deep", n_layers=5, tokenizer=tokenizer)))
+    with pytest.raises(PairMismatchError, match="layer count differs: base 4, post-trained 5"):
+        check_pair(tiny_model, other)
+
+
+def test_width_and_vocab_mismatch_raise(tmp_path, tiny_model):
+    from conftest import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<extra_token>"])
+    other = load_model(str(build_tiny_model(tmp_path / "wide", d_model=32, tokenizer=tokenizer)))
+    with pytest.raises(PairMismatchError) as error:
+        check_pair(tiny_model, other)
+    assert "d_model" in str(error.value)
+    assert "vocabulary differs" in str(error.value)
+
+
+def test_chat_template_mismatch_raises(tmp_path, tiny_model, tokenizer):
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "other-template", tokenizer=tokenizer)
+    other = load_model(str(folder))
+    other.tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    with pytest.raises(PairMismatchError, match="chat templates render differently"):
+        check_pair(tiny_model, other)
+
+
+def test_export_reloads(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model.export(tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, tiny_model.hf_model(ids).logits, atol=1e-5)

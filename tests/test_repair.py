@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from safereact_interp.errors import ConfigError, LayerError, RunFolderError
+from safereact_interp.prompts import PromptSet, bundled_prompts
+from safereact_interp.repair import RepairConfig, batch_indices, repair
+from safereact_interp.training import LoraSettings, add_lora, lora_target_modules
+
+
+@pytest.fixture(scope="module")
+def repair_inputs():
+    harmful = bundled_prompts("harmful").train.head(8)
+    retain = PromptSet("harmless", bundled_prompts("harmless").train.head(8).prompts, "retain")
+    return harmful, retain
+
+
+def run_repair(planted_pair, planted_post_dir, repair_inputs, output, **overrides):
+    harmful, retain = repair_inputs
+    settings = dict(layers=(1, 3), steps=6, batch_size=4, learning_rate=5e-3, checkpoint_every=2, retain_weight=10.0)
+    settings.update(overrides.pop("config", {}))
+    return repair(planted_pair.base, str(planted_post_dir), harmful, retain, RepairConfig(**settings), output=output,
+                  post=planted_pair.post, load_options={"dtype": "float32", "device": "cpu"}, **overrides)
+
+
+def test_alignment_loss_falls(planted_pair, planted_post_dir, repair_inputs, tmp_path):
+    result = run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "r", config={"steps": 12})
+    first, last = result.log[0], result.log[-1]
+    assert last["align_loss"] < 0.7 * first["align_loss"]
+    assert last["retain_loss"] < 0.1
+    assert result.trainable_parameter_fraction < 0.5
+
+
+def test_adapter_reloads_identically(planted_pair, planted_post_dir, repair_inputs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "r")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(planted_post_dir), tmp_path / "r" / "adapter")
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        expected = result.model.hf_model(ids).logits
+        assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5)
+        plain = AutoModelForCausalLM.from_pretrained(planted_post_dir)(ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-4)
+
+
+def test_resume_matches_uninterrupted(planted_pair, planted_post_dir, repair_inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "whole")
+    partial = run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "resumed", stop_after=4)
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    assert len(partial.log) == 4
+    run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "resumed")
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(6))
+
+
+def test_checkpoint_with_other_settings_raises(planted_pair, planted_post_dir, repair_inputs, tmp_path):
+    run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "r", stop_after=2)
+    with pytest.raises(RunFolderError, match="other repair settings"):
+        run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "r", config={"rank": 4})
+
+
+def test_layers_out_of_range(planted_pair, planted_post_dir, repair_inputs, tmp_path):
+    with pytest.raises(LayerError, match="out of range"):
+        run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "r", config={"layers": (1, 9)})
+
+
+def test_unknown_modules_raise(planted_pair, planted_post_dir, repair_inputs, tmp_path):
+    with pytest.raises(ConfigError, match="not linear layers"):
+        run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "r", config={"modules": ("qkv_linear",)})
+
+
+def test_architecture_without_projections_raises():
+    class Scalar(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(3))
+
+    with pytest.raises(ConfigError, match="no attention or MLP projection"):
+        lora_target_modules(Scalar())
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="mode"):
+        RepairConfig(layers=(1,), mode="logits")
+    with pytest.raises(ConfigError, match="steps"):
+        RepairConfig(layers=(1,), steps=0)
+
+
+def test_batches_deterministic_and_cover_all():
+    seen = [index for step in range(5) for index in batch_indices(10, 4, step, seed=3)]
+    assert seen == [index for step in range(5) for index in batch_indices(10, 4, step, seed=3)]
+    assert sorted(seen[:10]) == list(range(10))

@@ -1,0 +1,68 @@
+import torch
+
+from safereact_interp.prompts import bundled_prompts, encode, render_chat
+from safereact_interp.scoring import (RefusalPhraseJudge, RefusalScoreConfig, RefusalScorer, generate,
+                                      kl_divergence, refusal_scores)
+
+
+def full_pass_score(model, text, config):
+    """The refusal score of one prompt computed directly, without batching or caching."""
+    prompt_ids = encode(model.tokenizer, render_chat(model.tokenizer, [text]))[0]
+
+    def mean_log_prob(continuation):
+        ids = model.tokenizer(continuation, add_special_tokens=False).input_ids
+        sequence = torch.tensor([prompt_ids + ids])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model.hf_model(sequence).logits[0].float(), -1)
+        picked = [log_probs[len(prompt_ids) - 1 + index, token] for index, token in enumerate(ids)]
+        return torch.stack(picked).mean()
+
+    refusal = torch.stack([mean_log_prob(text) for text in config.refusals]).mean()
+    compliance = torch.stack([mean_log_prob(text) for text in config.compliances]).mean()
+    return float(refusal - compliance)
+
+
+def test_cached_score_matches_full_pass(tiny_model):
+    texts = bundled_prompts("harmful").train.texts[:5]
+    config = RefusalScoreConfig()
+    scores = RefusalScorer(tiny_model, texts, config=config, batch_size=3, tail=4).score()
+    for index, text in enumerate(texts):
+        assert abs(scores[index] - full_pass_score(tiny_model, text, config)) < 1e-4
+
+
+def test_score_independent_of_batching(tiny_model):
+    texts = bundled_prompts("harmless").train.texts[:6]
+    batched = refusal_scores(tiny_model, texts, batch_size=6)
+    single = torch.cat([refusal_scores(tiny_model, [text], batch_size=1) for text in texts])
+    assert torch.allclose(batched, single, atol=1e-4)
+
+
+def test_score_reused_cache_is_stable(tiny_model):
+    scorer = RefusalScorer(tiny_model, bundled_prompts("harmful").train.texts[:4], batch_size=2)
+    assert torch.equal(scorer.score(), scorer.score())
+
+
+def test_generate_matches_hf_greedy(tiny_model):
+    texts = bundled_prompts("harmless").train.texts[:3]
+    responses = generate(tiny_model, texts, max_new_tokens=6, batch_size=3)
+    for text, response in zip(texts, responses):
+        ids = encode(tiny_model.tokenizer, render_chat(tiny_model.tokenizer, [text]))[0]
+        with torch.no_grad():
+            output = tiny_model.hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                                  pad_token_id=tiny_model.tokenizer.pad_token_id)
+        expected = tiny_model.tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+        assert response == expected
+
+
+def test_phrase_judge_views():
+    judge = RefusalPhraseJudge()
+    whole = RefusalPhraseJudge(view="whole")
+    responses = ["I’m sorry, but no.", "Sure, here it is.",
+                 "<think>\nI can't do that... or can I\n</think>\nHere is how.", "<think>\nI cannot help"]
+    assert judge.judge([""] * 4, responses) == [True, False, False, True]
+    assert whole.judge([""] * 4, responses) == [True, False, True, True]
+
+
+def test_kl_to_itself_is_zero(tiny_model):
+    texts = bundled_prompts("harmless").test.texts[:3]
+    assert abs(kl_divergence(tiny_model, tiny_model, texts, ["An answer.", "Another one.", "Third."])) < 1e-6
