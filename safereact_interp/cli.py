@@ -67,7 +67,15 @@ def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--harmful-file", help="harmful prompts (CSV/JSON/JSONL/TXT) replacing the bundled set; "
                                               "split 50/15/35 %% into train/val/test")
     group.add_argument("--harmless-file", help="harmless prompts replacing the bundled set, split the same way")
+    group.add_argument("--harmful-format", default="auto",
+                       choices=["auto", "advbench", "harmbench", "jailbreakbench", "strongreject", "alpaca"],
+                       help="format of --harmful-file (default: detect the prompt column)")
+    group.add_argument("--harmless-format", default="auto",
+                       choices=["auto", "advbench", "harmbench", "jailbreakbench", "strongreject", "alpaca"],
+                       help="format of --harmless-file (default: detect the prompt column)")
     group.add_argument("--column", help="prompt column or key of --harmful-file/--harmless-file")
+    group.add_argument("--judge", help="refusal judge: phrases (default), classifier:MODEL:REFUSAL_LABEL, "
+                                       "harm-classifier:MODEL:HARMFUL_LABEL or guard:MODEL")
     group.add_argument("--extra-harmful", action="append", default=[], metavar="FILE",
                        help="further harmful prompt file whose refusal rate is reported (repeatable), "
                             "e.g. advbench.csv")
@@ -101,6 +109,8 @@ def _diagnose_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--response-prefix", default="",
                        help="text the assistant's response starts with, e.g. '<think>\\n' (default none)")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    group.add_argument("--bootstrap", type=int, default=200,
+                       help="bootstrap resamples for 95%% confidence intervals (default 200; 0: none)")
     group.add_argument("--formats", default="html,png",
                        help="figure formats, comma-separated: html, png, svg, pdf (default html,png)")
 
@@ -112,18 +122,22 @@ def _options_from_args(args: argparse.Namespace):
         base=args.base, posts=args.posts or ["organism:post"], base_adapter=args.base_adapter,
         post_adapter=args.post_adapter, dtype=args.dtype, device=args.device, device_map=args.device_map,
         trust_remote_code=args.trust_remote_code, harmful_file=args.harmful_file,
-        harmless_file=args.harmless_file, column=args.column, extra_harmful=list(args.extra_harmful),
+        harmless_file=args.harmless_file, column=args.column, judge=args.judge,
+        harmful_format=args.harmful_format, harmless_format=args.harmless_format, extra_harmful=list(args.extra_harmful),
         extra_limit=args.extra_limit, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
         layers=args.layers, positions=args.positions, method=args.method, refusal_drop=args.refusal_drop,
         similarity_threshold=args.similarity_threshold, separability_threshold=args.separability_threshold,
         max_new_tokens=args.max_new_tokens, capability_max_new_tokens=args.capability_max_new_tokens,
         batch_size=args.batch_size, generation_batch_size=args.generation_batch_size,
         system_prompt=args.system_prompt, response_prefix=args.response_prefix, seed=args.seed,
+        bootstrap=args.bootstrap,
         formats=[fmt.strip() for fmt in args.formats.split(",") if fmt.strip()],
     )
 
 
 def _check_counts(args: argparse.Namespace) -> None:
+    if getattr(args, "bootstrap", 0) < 0:
+        raise ConfigError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
     for name in ("n_train", "n_val", "n_test", "extra_limit", "max_new_tokens", "capability_max_new_tokens",
                  "batch_size", "generation_batch_size"):
         value = getattr(args, name, None)
@@ -326,6 +340,23 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_attribute(args: argparse.Namespace) -> int:
+    from .pipeline import load_options, stage_attribute
+
+    if args.n_prompts < 2:
+        raise ConfigError(f"--n-prompts must be at least 2, got {args.n_prompts}")
+    data = stage_attribute(args.run, options=load_options(args.run), n_prompts=args.n_prompts,
+                           heads=not args.no_heads)
+    print(f"{'layer':>5} {'d safety attn':>14} {'d safety mlp':>13} {'d norm attn':>12} {'d norm mlp':>11}")
+    for index, layer in enumerate(data["layers"]):
+        print(f"{layer:>5} {data['safety']['change']['attn'][index]:>14.3f} {data['safety']['change']['mlp'][index]:>13.3f} "
+              f"{data['norm']['change']['attn'][index]:>12.3f} {data['norm']['change']['mlp'][index]:>11.3f}")
+    for head in data["top_heads"][:5]:
+        print(f"head L{head['layer']}H{head['head']}: change {head['change']:+.3f}")
+    print(f"wrote {args.run}/attribution.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safereact", description=(
         "Diagnose whether post-training removed or masked a chat model's safety mechanism, repair it "
@@ -359,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--patch-prompts", type=int, help="harmful validation prompts for the causal checks")
     _verify_arguments(verify)
     verify.set_defaults(handler=command_verify)
+
+    attribute = commands.add_parser("attribute", help="attribute amplification and the safety signal to "
+                                                      "attention, MLP and heads")
+    attribute.add_argument("--run", required=True, help="run folder with diagnosis.json")
+    attribute.add_argument("--n-prompts", type=int, default=64, help="harmful and harmless train prompts (default 64)")
+    attribute.add_argument("--no-heads", action="store_true", help="skip the per-head attribution")
+    attribute.set_defaults(handler=command_attribute)
 
     run = commands.add_parser("run", help="all stages: diagnose, patch, repair, verify")
     _model_arguments(run)

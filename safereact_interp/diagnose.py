@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
@@ -33,6 +33,7 @@ from .models import LoadedModel, ModelPair
 from .progress import ProgressFactory, no_progress
 from .prompts import EvalPrompts, PromptSet
 from .scoring import GenerationConfig, Judge, ModelEvaluation, evaluate_model
+from .uncertainty import BootstrapConfig, accuracy_intervals, drop_interval, layer_intervals, rate_interval
 
 logger = logging.getLogger(__name__)
 
@@ -210,22 +211,27 @@ def _probe() -> object:
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
 
 
-def probe_accuracy(harmful: Tensor, harmless: Tensor, *, folds: int = 5, seed: int = 0) -> float:
-    """Cross-validated accuracy of a logistic-regression probe for harmful vs harmless."""
+def probe_accuracy(harmful: Tensor, harmless: Tensor, *, folds: int = 5, seed: int = 0) -> tuple[float, np.ndarray]:
+    """Cross-validated accuracy of a logistic-regression probe for harmful vs harmless, and the
+    per-prompt correctness of the out-of-fold predictions."""
     features = torch.cat([harmful, harmless]).numpy()
     labels = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
     folds = max(2, min(folds, len(harmful), len(harmless)))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(_probe(), features, labels, cv=splitter).mean())
+    correct = cross_val_predict(_probe(), features, labels, cv=splitter) == labels
+    return float(correct.mean()), correct
 
 
-def probe_transfer(train_harmful: Tensor, train_harmless: Tensor, test_harmful: Tensor, test_harmless: Tensor) -> float:
-    """Accuracy on the second model's held-out activations of a probe fit on the first model's."""
+def probe_transfer(train_harmful: Tensor, train_harmless: Tensor, test_harmful: Tensor, test_harmless: Tensor
+                   ) -> tuple[float, np.ndarray]:
+    """Accuracy (and per-prompt correctness) on the second model's held-out activations of a probe
+    fit on the first model's."""
     probe = _probe()
     probe.fit(torch.cat([train_harmful, train_harmless]).numpy(),
               np.r_[np.ones(len(train_harmful)), np.zeros(len(train_harmless))])
     labels = np.r_[np.ones(len(test_harmful)), np.zeros(len(test_harmless))]
-    return float(probe.score(torch.cat([test_harmful, test_harmless]).numpy(), labels))
+    correct = probe.predict(torch.cat([test_harmful, test_harmless]).numpy()) == labels
+    return float(correct.mean()), correct
 
 
 def mean_norm(*activations: Float[Tensor, "prompt layer d_model"]) -> Float[Tensor, "layer"]:
@@ -234,13 +240,15 @@ def mean_norm(*activations: Float[Tensor, "prompt layer d_model"]) -> Float[Tens
 
 
 def layer_metrics(base: ModelActivations, post: ModelActivations, layers: Sequence[int],
-                  method: DirectionMethod = "diff_means", *, seed: int = 0
-                  ) -> tuple[LayerMetrics, dict[str, Directions]]:
+                  method: DirectionMethod = "diff_means", *, seed: int = 0,
+                  probe_outcomes: dict[str, list] | None = None) -> tuple[LayerMetrics, dict[str, Directions]]:
     """Compute every per-layer quantity of the diagnosis from the two models' activations.
 
     s_l = cos(r^B_l, r^P_l); separability = AUROC of <h^M_l, r̂^B_l> on the validation prompts;
     a_l = mean||h^P_l|| / mean||h^B_l||; capability amplification = ||c^P_l|| / ||c^B_l|| with
     c^M_l = mean_C h - mean_N h; q^M_l = ||r^M_l|| / mean||h^M_l||; m_l = q^P_l / q^B_l.
+    `probe_outcomes`, when given, receives the per-prompt correctness of each probe per layer (for
+    bootstrap intervals).
     """
     layers = tuple(layers)
     directions = {
@@ -265,10 +273,16 @@ def layer_metrics(base: ModelActivations, post: ModelActivations, layers: Sequen
         unit = base_units[index]
         per_layer["separability_base"].append(separability(base.harmful_val[:, index], base.harmless_val[:, index], unit))
         per_layer["separability_post"].append(separability(post.harmful_val[:, index], post.harmless_val[:, index], unit))
-        per_layer["probe_accuracy_base"].append(probe_accuracy(base.harmful[:, index], base.harmless[:, index], seed=seed))
-        per_layer["probe_accuracy_post"].append(probe_accuracy(post.harmful[:, index], post.harmless[:, index], seed=seed))
-        per_layer["probe_transfer"].append(probe_transfer(base.harmful[:, index], base.harmless[:, index],
-                                                          post.harmful_val[:, index], post.harmless_val[:, index]))
+        outcomes = {
+            "probe_accuracy_base": probe_accuracy(base.harmful[:, index], base.harmless[:, index], seed=seed),
+            "probe_accuracy_post": probe_accuracy(post.harmful[:, index], post.harmless[:, index], seed=seed),
+            "probe_transfer": probe_transfer(base.harmful[:, index], base.harmless[:, index],
+                                             post.harmful_val[:, index], post.harmless_val[:, index]),
+        }
+        for name, (accuracy, correct) in outcomes.items():
+            per_layer[name].append(accuracy)
+            if probe_outcomes is not None:
+                probe_outcomes.setdefault(name, []).append(correct)
 
     metrics = LayerMetrics(
         layers=list(layers),
@@ -341,6 +355,46 @@ def rank_layers(metrics: LayerMetrics, k: int | None = None) -> tuple[list[float
     return scores.tolist(), ranking[:k] if k is not None else ranking
 
 
+# ---- uncertainty -----------------------------------------------------------------------------
+
+def diagnosis_intervals(base: ModelActivations, post: ModelActivations, probe_outcomes: dict[str, list],
+                        evaluations: dict[str, ModelEvaluation], config: BootstrapConfig, *, from_layer: int,
+                        layers: Sequence[int]) -> dict:
+    """Bootstrap intervals of the per-layer metrics, refusal rates, capability accuracy and verdict numbers."""
+    first = next((index for index, layer in enumerate(layers) if layer >= from_layer), 0)
+    intervals = layer_intervals(base.harmful, base.harmless, post.harmful, post.harmless, base.harmful_val,
+                                base.harmless_val, post.harmful_val, post.harmless_val, config, from_layer=first)
+    for name, outcomes in probe_outcomes.items():
+        intervals[name] = accuracy_intervals(outcomes, config)
+    intervals["refusal_rate"] = {
+        model: {name: list(rate_interval([record["refused"] for record in records], config))
+                for name, records in evaluations[model].records.items() if name != "capability"}
+        for model in ("base", "post")}
+    intervals["capability_accuracy"] = {
+        model: list(rate_interval([record["correct"] for record in evaluations[model].records["capability"]], config))
+        if "capability" in evaluations[model].records else None for model in ("base", "post")}
+    base_records = {record["id"]: record["refused"] for record in evaluations["base"].records["harmful"]}
+    post_records = {record["id"]: record["refused"] for record in evaluations["post"].records["harmful"]}
+    shared = [key for key in base_records if key in post_records]
+    intervals["refusal_drop"] = list(drop_interval([base_records[key] for key in shared],
+                                                   [post_records[key] for key in shared], config))
+    return intervals
+
+
+def verdict_uncertainty(verdict: VerdictLabel, intervals: dict, thresholds: VerdictThresholds) -> list[str]:
+    """The verdict's criteria whose confidence interval contains the threshold."""
+    reasons = []
+    checks = [("refusal drop", intervals["refusal_drop"], thresholds.refusal_drop)]
+    if verdict != "intact":
+        checks += [("mean direction similarity", intervals["mean_similarity"], thresholds.similarity),
+                   ("mean separability in the post-trained model", intervals["mean_separability_post"],
+                    thresholds.separability)]
+    for name, (low, high), threshold in checks:
+        if low <= threshold <= high:
+            reasons.append(f"the {name} interval [{low:.2f}, {high:.2f}] contains the threshold {threshold}")
+    return reasons
+
+
 # ---- the diagnosis ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -354,11 +408,13 @@ class DiagnoseConfig:
     generation: GenerationConfig = GenerationConfig()
     batch_size: int = 16
     seed: int = 0
+    bootstrap: int = 200  # resamples for confidence intervals; 0 turns them off
 
     def to_dict(self) -> dict:
         return {"layers": list(self.layers) if self.layers else None, "positions": list(self.positions),
                 "method": self.method, "thresholds": self.thresholds.to_dict(),
-                "generation": self.generation.to_dict(), "batch_size": self.batch_size, "seed": self.seed}
+                "generation": self.generation.to_dict(), "batch_size": self.batch_size, "seed": self.seed,
+                "bootstrap": self.bootstrap}
 
 
 def collect_model_activations(model: LoadedModel, prompts: EvalPrompts, layers: Sequence[int], *,
@@ -415,8 +471,9 @@ def diagnose(pair: ModelPair, prompts: EvalPrompts | None = None, config: Diagno
                                         progress=progress)
         for name, model in (("base", pair.base), ("post", pair.post))
     }
+    probe_outcomes: dict[str, list] = {}
     metrics, directions = layer_metrics(activations["base"], activations["post"], layers, config.method,
-                                        seed=config.seed)
+                                        seed=config.seed, probe_outcomes=probe_outcomes)
 
     evaluations = dict(evaluations or {})
     for name, model in (("base", pair.base), ("post", pair.post)):
@@ -428,13 +485,23 @@ def diagnose(pair: ModelPair, prompts: EvalPrompts | None = None, config: Diagno
     capability = {name: evaluations[name].capability_accuracy for name in ("base", "post")}
 
     verdict, reasons, numbers = decide_verdict(metrics, refusal_rate, n_layers, config.thresholds)
+    intervals = {}
+    if config.bootstrap > 0:
+        intervals = diagnosis_intervals(activations["base"], activations["post"], probe_outcomes, evaluations,
+                                        BootstrapConfig(n_resamples=config.bootstrap, seed=config.seed),
+                                        from_layer=int(numbers["from_layer"]), layers=layers)
+        uncertain = verdict_uncertainty(verdict, intervals, config.thresholds)
+        intervals["verdict_uncertain"] = bool(uncertain)
+        intervals["uncertain_reasons"] = uncertain
+        if uncertain:
+            reasons = reasons + ["the confidence intervals make this verdict uncertain: " + "; ".join(uncertain)]
     scores, ranking = rank_layers(metrics)
     diagnosis = Diagnosis(
         base_model=pair.base.spec, post_model=pair.post.spec, metrics=metrics,
         refusal_rate=refusal_rate, refusal_rate_whole_text=refusal_whole, capability_accuracy=capability,
         verdict=verdict, verdict_reasons=reasons, verdict_numbers=numbers, thresholds=config.thresholds,
         layer_scores=scores, layer_ranking=ranking, direction_method=config.method,
-        positions=list(config.positions), prompts=prompts.to_dict(),
+        positions=list(config.positions), prompts=prompts.to_dict(), intervals=intervals,
     )
     return DiagnosisResult(diagnosis=diagnosis, evaluations=evaluations,
                            activations_base=activations["base"], activations_post=activations["post"],

@@ -52,6 +52,7 @@ class LoadedModel:
     tokenizer: Any
     bridge: Any
     parameter_names: dict[int, str] = field(repr=False, default_factory=dict)
+    adapter: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -296,7 +297,9 @@ def load_model(
     """
     hf_model, tokenizer = load_unwrapped(spec, adapter=adapter, dtype=dtype, device=device,
                                          device_map=device_map, trust_remote_code=trust_remote_code)
-    return wrap_model(hf_model, tokenizer, name=name or spec, spec=spec)
+    model = wrap_model(hf_model, tokenizer, name=name or spec, spec=spec)
+    model.adapter = str(adapter) if adapter is not None else None
+    return model
 
 
 def _render_probe(tokenizer: Any) -> str | None:

@@ -21,7 +21,7 @@ from .errors import ConfigError, RunFolderError
 from .models import ModelPair, load_model, check_pair
 from .plots import diagnosis_figures, save_figure
 from .progress import ProgressFactory, no_progress
-from .prompts import EvalPrompts, PromptSet, PromptSplits, bundled_prompts, load_prompt_file
+from .prompts import EvalPrompts, PromptSet, PromptSplits, bundled_prompts, load_named, load_prompt_file
 from .report import build_report
 from .scoring import GenerationConfig, ModelEvaluation
 
@@ -65,6 +65,10 @@ class RunOptions:
     system_prompt: str | None = None
     response_prefix: str = ""
     seed: int = 0
+    bootstrap: int = 200
+    judge: str | None = None
+    harmful_format: str = "auto"
+    harmless_format: str = "auto"
     formats: list[str] = field(default_factory=lambda: ["html", "png"])
     # activation patching and layer selection
     patch_prompts: int = 32
@@ -110,6 +114,7 @@ class RunOptions:
         return DiagnoseConfig(
             layers=tuple(self.layers) if self.layers else None, positions=tuple(self.positions),
             method=self.method, generation=self.generation, batch_size=self.batch_size, seed=self.seed,
+            bootstrap=self.bootstrap,
             thresholds=VerdictThresholds(refusal_drop=self.refusal_drop, similarity=self.similarity_threshold,
                                          separability=self.separability_threshold))
 
@@ -138,16 +143,19 @@ def build_prompts(options: RunOptions) -> EvalPrompts:
     harmful = bundled_prompts("harmful")
     harmless = bundled_prompts("harmless")
     if options.harmful_file:
-        harmful = split_prompt_set(load_prompt_file(options.harmful_file, "harmful", column=options.column))
+        harmful = split_prompt_set(load_named(options.harmful_file, options.harmful_format, "harmful",
+                                              column=options.column))
     if options.harmless_file:
-        harmless = split_prompt_set(load_prompt_file(options.harmless_file, "harmless", column=options.column))
+        harmless = split_prompt_set(load_named(options.harmless_file, options.harmless_format, "harmless",
+                                               column=options.column))
     extra = {}
     for path in options.extra_harmful:
-        extra[extra_set_name(path)] = load_prompt_file(path, "harmful", limit=options.extra_limit)
+        extra[extra_set_name(path)] = load_named(path, "auto", "harmful", limit=options.extra_limit)
     capability = bundled_prompts("capability")
     return EvalPrompts(
         harmful_train=harmful.train.head(options.n_train), harmless_train=harmless.train.head(options.n_train),
-        capability_train=capability.train.head(options.n_train),
+        # The capability direction needs no more prompts than the safety direction has.
+        capability_train=capability.train.head(options.n_train or len(harmful.train)),
         harmful_val=harmful.val.head(options.n_val), harmless_val=harmless.val.head(options.n_val),
         harmful_test=harmful.test.head(options.n_test), harmless_test=harmless.test.head(options.n_test),
         capability_test=capability.test.head(options.n_test), harmful_extra=extra)
@@ -165,6 +173,9 @@ def check_inputs(options: RunOptions) -> EvalPrompts:
         if fmt not in ("html", "png", "svg", "pdf"):
             raise ConfigError(f"unknown figure format {fmt!r}; use html, png, svg or pdf")
     options.diagnose_config()  # validates thresholds
+    from .judges import load_judge
+
+    load_judge(options.judge)  # validates the judge spec (the model loads on first use)
     return build_prompts(options)
 
 
@@ -241,8 +252,11 @@ def stage_diagnose(options: RunOptions, out: str | Path, *, overwrite: bool = Fa
     Inputs are validated first; results are written to a staging folder that replaces `out` only
     when everything succeeded, so a failure leaves no partial output.
     """
+    from .judges import load_judge
+
     out = prepare_new_folder(out, overwrite)
     prompts = check_inputs(options)
+    judge = load_judge(options.judge)
     base, posts = models or load_run_models(options)
     staging = staging_folder(out)
     try:
@@ -252,7 +266,7 @@ def stage_diagnose(options: RunOptions, out: str | Path, *, overwrite: bool = Fa
             logger.info("diagnosing %s against %s", options.posts[index], options.base)
             reuse = {"base": results["post"].evaluations["base"]} if results else None
             results[label] = diagnose(ModelPair(base, post), prompts, options.diagnose_config(),
-                                      evaluations=reuse, progress=progress)
+                                      evaluations=reuse, judge=judge, progress=progress)
         for label, result in results.items():
             write_diagnosis(staging, result, "" if label == "post" else label)
         diagnoses = {label: result.diagnosis for label, result in results.items()}
@@ -493,13 +507,16 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
         hf_model, tokenizer = load_unwrapped(options.posts[0], adapter=options.post_adapter, **load_options_)
         repaired = wrap_model(apply_adapter(hf_model, adapter), tokenizer, name="repaired", spec=options.posts[0])
 
+    from .judges import load_judge
+
+    judge = load_judge(options.judge)
     sets = refusal_sets(prompts)
     generation = options.generation
     evaluations: dict[str, ModelEvaluation] = {}
     for name, model in (("post", post), ("base", base)):
         earlier = load_evaluation(run_dir, name)
         if earlier is None or set(earlier.refusal_rate) != set(sets):
-            earlier = evaluate(model, prompts, generation, progress=progress)
+            earlier = evaluate(model, prompts, generation, judge=judge, progress=progress)
         evaluations[name] = earlier
     post_evaluation = evaluations["post"]
     evaluations["post"] = ModelEvaluation(**{**post_evaluation.__dict__, "kl_to_post": 0.0})
@@ -511,7 +528,8 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
     evaluations["base"] = ModelEvaluation(**{**evaluations["base"].__dict__, "kl_to_post": kl_divergence(
         base, post, harmless, responses, system_prompt=options.system_prompt)})
     evaluations["repaired"] = evaluate_with_kl(repaired, post, prompts, sets, generation, post_evaluation,
-                                               name="repaired", kl_prompts=options.kl_prompts, progress=progress)
+                                               name="repaired", judge=judge, kl_prompts=options.kl_prompts,
+                                               progress=progress)
 
     baselines_info: dict = {}
     if options.baselines:
@@ -523,14 +541,14 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
         addition = ActivationAddition(layer, alpha * directions.at(layer))
         evaluations["activation_addition"] = evaluate_with_kl(
             post, post, prompts, sets, generation, post_evaluation, name="activation_addition",
-            interventions=[addition], kl_prompts=options.kl_prompts, progress=progress)
+            interventions=[addition], judge=judge, kl_prompts=options.kl_prompts, progress=progress)
         baselines_info["activation_addition"] = {"layer": layer, "alpha": alpha}
         config = repair_config(options, layers)
         refusal_lora, seconds = train_refusal_lora(options.posts[0], prompts.harmful_train, config,
                                                    post_adapter=options.post_adapter, load_options=load_options_,
                                                    system_prompt=options.system_prompt)
         evaluations["refusal_lora"] = evaluate_with_kl(refusal_lora, post, prompts, sets, generation,
-                                                       post_evaluation, name="refusal_lora",
+                                                       post_evaluation, name="refusal_lora", judge=judge,
                                                        kl_prompts=options.kl_prompts, progress=progress)
         baselines_info["refusal_lora"] = {"steps": config.steps, "rank": config.rank,
                                           "layers": list(config.adapter_layers), "seconds": round(seconds, 1)}
@@ -555,7 +573,8 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
         baselines={**baselines_info, **compare_baselines(table)},
         n_prompts={name: len(prompt_set) for name, prompt_set in sets.items()} | {
             "capability": len(prompts.capability_test), "causal_checks": len(harmful), "kl": len(harmless)},
-        targets=verification_targets(table, table["post"]["capability_accuracy"]))
+        targets=verification_targets(table, table["post"]["capability_accuracy"]),
+        intervals=verification_intervals(evaluations, advbench, options))
     data = verification.to_dict()
     for name in ("repaired", "activation_addition", "refusal_lora"):
         if name in evaluations:
@@ -564,6 +583,25 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
     save_figure(before_after_figure(data), run_dir / "figures", "before_after", formats=options.formats)
     _refresh_report(run_dir, options, "verify")
     return data
+
+
+def verification_intervals(evaluations: dict[str, ModelEvaluation], advbench: str | None,
+                           options: RunOptions) -> dict:
+    """Bootstrap [low, high] intervals of each model's rates and accuracy, from per-prompt records."""
+    from .uncertainty import BootstrapConfig, rate_interval
+
+    if options.bootstrap <= 0:
+        return {}
+    config = BootstrapConfig(n_resamples=options.bootstrap, seed=options.seed)
+    keys = {"harmful_refusal_rate": ("harmful", "refused"), "harmless_refusal_rate": ("harmless", "refused"),
+            "capability_accuracy": ("capability", "correct")}
+    if advbench:
+        keys["harmful_refusal_rate_advbench"] = (advbench, "refused")
+    intervals = {}
+    for name, evaluation in evaluations.items():
+        intervals[name] = {metric: list(rate_interval([record[field] for record in evaluation.records[records]], config))
+                           for metric, (records, field) in keys.items() if evaluation.records.get(records)}
+    return intervals
 
 
 def _read_log(run_dir: Path) -> list[dict]:
@@ -632,3 +670,30 @@ def stage_run(options: RunOptions, out: str | Path, *, overwrite: bool = False, 
         echo("")
         print_verification(data, echo)
     return out
+
+
+def stage_attribute(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = None, n_prompts: int = 64,
+                    heads: bool = True, options: RunOptions | None = None) -> dict:
+    """Component attribution of the safety signal and the norm growth; write attribution.json and figures."""
+    from .attribution import component_attribution
+    from .plots import attribution_figure, head_attribution_figure
+
+    run_dir = Path(run_dir)
+    options = options or load_options(run_dir)
+    diagnosis = load_diagnosis(run_dir)
+    directions = load_directions(run_dir)
+    prompts = build_prompts(options)
+    base, posts = models or load_run_models(options)
+    harmful = prompts.harmful_train.head(min(n_prompts, len(prompts.harmful_train)))
+    harmless = prompts.harmless_train.head(min(n_prompts, len(prompts.harmless_train)))
+    result = component_attribution(ModelPair(base, posts[0]), harmful, harmless, directions,
+                                   layers=diagnosis.layers, positions=tuple(diagnosis.positions), heads=heads,
+                                   batch_size=options.batch_size)
+    data = result.to_dict()
+    data["top_heads"] = result.top_heads()
+    write_json(run_dir / "attribution.json", data)
+    save_figure(attribution_figure(data), run_dir / "figures", "attribution", formats=options.formats)
+    if data["heads"]:
+        save_figure(head_attribution_figure(data), run_dir / "figures", "attribution_heads", formats=options.formats)
+    _refresh_report(run_dir, options, "attribute")
+    return data

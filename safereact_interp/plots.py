@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import plotly.graph_objects as go
 import plotly.io as pio
 
 from .artifacts import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +189,9 @@ def diagnosis_figures(diagnoses: Mapping[str, "object"], intervals: Mapping[str,
 
     def band(name: str, metric: str):
         found = (intervals or {}).get(name, {}).get(metric)
-        return (found["low"], found["high"]) if found else None
+        if not found:
+            return None
+        return [pair[0] for pair in found], [pair[1] for pair in found]
 
     def post_colour(index: int) -> str:
         return PALETTE["post"] if index == 0 else SEQUENCE[(index + 2) % len(SEQUENCE)]
@@ -318,4 +324,134 @@ def before_after_figure(verification: Mapping, intervals: Mapping | None = None)
     figure = grouped_bars([VERIFY_METRICS[key] for key in metrics], groups, errors=errors or None,
                           title="Before and after the repair", y_title="fraction of prompts", y_range=(0, 1.12))
     figure.update_traces(textfont_size=10)
+    return figure
+
+
+def attribution_figure(attribution: Mapping) -> go.Figure:
+    """Change (post-trained - base) of each component's contribution to the safety signal and to the norm."""
+    from plotly.subplots import make_subplots
+
+    layers = attribution["layers"]
+    figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+        "safety signal along r̂_base (change)", "contribution to the residual norm (change)"))
+    styles = {"attn": ("attention output", PALETTE["base"]), "mlp": ("MLP output", PALETTE["post"])}
+    for component, (name, line_colour) in styles.items():
+        figure.add_trace(go.Bar(x=layers, y=attribution["safety"]["change"][component], name=name,
+                                marker_color=line_colour, legendgroup=component), row=1, col=1)
+        figure.add_trace(go.Bar(x=layers, y=attribution["norm"]["change"][component], name=name,
+                                marker_color=line_colour, legendgroup=component, showlegend=False), row=1, col=2)
+    figure.update_layout(template=TEMPLATE, barmode="group", width=1000,
+                         height=DEFAULT_SIZE[1], title="Component attribution: post-trained minus base model",
+                         legend=dict(orientation="h", yanchor="bottom", y=1.08, xanchor="right", x=1.0))
+    figure.update_xaxes(title_text="layer", row=1, col=1)
+    figure.update_xaxes(title_text="layer", row=1, col=2)
+    figure.update_yaxes(title_text="Δ projection (residual units)", row=1, col=1)
+    figure.update_yaxes(title_text="Δ norm contribution (residual units)", row=1, col=2)
+    return figure
+
+
+def head_attribution_figure(attribution: Mapping) -> go.Figure:
+    """Heatmap of the change of every head's contribution to the safety signal."""
+    change = attribution["heads"]["change"]
+    limit = max(abs(value) for row in change for value in row) or 1.0
+    figure = go.Figure(go.Heatmap(z=change, x=list(range(len(change[0]))), y=attribution["layers"],
+                                  colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit,
+                                  colorbar=dict(title="Δ projection")))
+    figure.update_layout(template=TEMPLATE, title="Attention heads: change of the safety-signal contribution",
+                         xaxis_title="head", yaxis_title="layer", width=DEFAULT_SIZE[0], height=DEFAULT_SIZE[1] + 120)
+    return figure
+
+
+# ---- PCA of harmful and harmless activations ------------------------------------------------------
+
+def pca_coordinates(activations: Mapping[str, tuple["Tensor", "Tensor"]], reference: str = "base"
+                    ) -> dict[str, list[tuple["np.ndarray", "np.ndarray"]]]:
+    """2-D coordinates per model and layer: each model's activations divided by its mean norm at that
+    layer, projected on the top two principal components of the `reference` model's activations.
+
+    `activations[model] = (harmful, harmless)`, each (prompt, layer, d_model). Returns
+    `coordinates[model][layer_index] = (harmful_xy, harmless_xy)`.
+    """
+    import numpy as np
+
+    n_layers = activations[reference][0].shape[1]
+    coordinates: dict[str, list] = {name: [] for name in activations}
+    for layer in range(n_layers):
+        normalised = {}
+        for name, (harmful, harmless) in activations.items():
+            both = np.concatenate([harmful[:, layer].numpy(), harmless[:, layer].numpy()])
+            scale = np.linalg.norm(both, axis=-1).mean()
+            normalised[name] = (harmful[:, layer].numpy() / scale, harmless[:, layer].numpy() / scale)
+        fit = np.concatenate(normalised[reference])
+        centre = fit.mean(axis=0)
+        _, _, components = np.linalg.svd(fit - centre, full_matrices=False)
+        basis = components[:2].T
+        for name, (harmful, harmless) in normalised.items():
+            coordinates[name].append(((harmful - centre) @ basis, (harmless - centre) @ basis))
+    return coordinates
+
+
+def pca_slider_figure(coordinates: Mapping[str, list], layers: Sequence[int]) -> go.Figure:
+    """Interactive PCA scatter, one column per model, with a slider over layers."""
+    from plotly.subplots import make_subplots
+
+    models = list(coordinates)
+    figure = make_subplots(rows=1, cols=len(models), subplot_titles=[label(name) for name in models],
+                           horizontal_spacing=0.06)
+    for layer_index in range(len(layers)):
+        for column, name in enumerate(models, start=1):
+            harmful, harmless = coordinates[name][layer_index]
+            for points, kind, marker_colour in ((harmless, "harmless", PALETTE["base"]),
+                                                (harmful, "harmful", PALETTE["post"])):
+                figure.add_trace(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers", name=kind,
+                                            marker=dict(color=marker_colour, size=5, opacity=0.7),
+                                            legendgroup=kind, showlegend=(column == 1),
+                                            visible=(layer_index == len(layers) - 1)), row=1, col=column)
+    per_layer = 2 * len(models)
+    steps = []
+    for layer_index, layer in enumerate(layers):
+        visible = [False] * (per_layer * len(layers))
+        visible[layer_index * per_layer:(layer_index + 1) * per_layer] = [True] * per_layer
+        steps.append(dict(method="update", args=[{"visible": visible}], label=str(layer)))
+    figure.update_layout(template=TEMPLATE, width=1100, height=460,
+                         title="PCA of harmful vs harmless activations (base model's top two components)",
+                         sliders=[dict(active=len(layers) - 1, steps=steps, currentvalue=dict(prefix="layer "),
+                                       pad=dict(t=40))])
+    figure.update_xaxes(title_text="PC 1 (activation / mean norm)")
+    figure.update_yaxes(title_text="PC 2", col=1)
+    return figure
+
+
+def pca_panel_figure(coordinates: Mapping[str, list], layers: Sequence[int], chosen: Sequence[int]) -> go.Figure:
+    """Static grid for print: one row per model, one column per chosen layer."""
+    from plotly.subplots import make_subplots
+
+    models = list(coordinates)
+    figure = make_subplots(rows=len(models), cols=len(chosen), horizontal_spacing=0.04, vertical_spacing=0.07,
+                           column_titles=[f"layer {layer}" for layer in chosen],
+                           row_titles=[label(name) for name in models])
+    for row, name in enumerate(models, start=1):
+        for column, layer in enumerate(chosen, start=1):
+            harmful, harmless = coordinates[name][list(layers).index(layer)]
+            for points, kind, marker_colour in ((harmless, "harmless", PALETTE["base"]),
+                                                (harmful, "harmful", PALETTE["post"])):
+                figure.add_trace(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers", name=kind,
+                                            marker=dict(color=marker_colour, size=3, opacity=0.7), legendgroup=kind,
+                                            showlegend=(row == 1 and column == 1)), row=row, col=column)
+    figure.update_xaxes(showticklabels=False)
+    figure.update_yaxes(showticklabels=False)
+    figure.update_layout(template=TEMPLATE, width=TWO_COLUMN[0] // 2, height=150 * len(models) + 90,
+                         title="PCA of harmful vs harmless activations", font=dict(size=10),
+                         legend=dict(orientation="h", yanchor="bottom", y=1.04, xanchor="right", x=1.0),
+                         margin=dict(l=40, r=40, t=80, b=20))
+    return figure
+
+
+def paper_size(figure: go.Figure, columns: int = 1) -> go.Figure:
+    """Set a figure to one-column (3.5 in) or two-column (7 in) width for print, with matching fonts."""
+    width = 336 if columns == 1 else 672
+    height = int(width * (0.72 if columns == 1 else 0.42))
+    figure.update_layout(width=width, height=max(height, figure.layout.height or 0) if columns == 2 else height,
+                         font=dict(size=9 if columns == 1 else 10), margin=dict(l=50, r=10, t=45, b=40),
+                         title=dict(font=dict(size=10 if columns == 1 else 12)))
     return figure

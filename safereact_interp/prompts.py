@@ -302,6 +302,37 @@ def load_prompt_file(
     return prompt_set.head(limit) if limit is not None else prompt_set
 
 
+# Named formats of public prompt files: the prompt column or key, and where the category is.
+NAMED_FORMATS = {
+    "advbench": {"column": "goal"},
+    "harmbench": {"column": "Behavior"},
+    "jailbreakbench": {"column": "Goal"},
+    "strongreject": {"column": "forbidden_prompt"},
+    "alpaca": {"column": "instruction"},
+}
+FORMATS = ("auto",) + tuple(NAMED_FORMATS)
+
+
+def load_named(path: str | Path, format: str = "auto", role: Role = "harmful", *, column: str | None = None,
+               limit: int | None = None, include_copyright: bool = False) -> PromptSet:
+    """Load a public prompt file by format name: advbench (goal), harmbench (Behavior, with its
+    context string; copyright behaviours dropped unless `include_copyright`), jailbreakbench (Goal),
+    strongreject (forbidden_prompt), alpaca (instruction + input), or auto (column detection).
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown prompt file format {format!r}; use one of {', '.join(FORMATS)}")
+    if format == "auto":
+        prompts = load_prompt_file(path, role, column=column)
+    else:
+        prompts = load_prompt_file(path, role, column=column or NAMED_FORMATS[format]["column"])
+    if format == "harmbench" and not include_copyright:
+        kept = tuple(prompt for prompt in prompts if prompt.category != "copyright")
+        prompts = replace(prompts, prompts=kept)
+        if not kept:
+            raise PromptFileError(f"prompt file {path} holds only copyright behaviours; pass include_copyright=True")
+    return prompts.head(limit) if limit is not None else prompts
+
+
 # ---- chat rendering and tokenization ---------------------------------------------------------
 
 _FALLBACK_TEMPLATE = "User: {text}\nAssistant:"

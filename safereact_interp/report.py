@@ -180,11 +180,32 @@ def verification_section(verification: dict, run_dir: Path) -> str:
     return "".join(parts)
 
 
+def attribution_section(attribution: dict, run_dir: Path) -> str:
+    from .plots import attribution_figure, head_attribution_figure
+
+    figures = {"components": attribution_figure(attribution)}
+    if attribution.get("heads"):
+        figures["heads"] = head_attribution_figure(attribution)
+    parts = ["<h2>Component attribution</h2>",
+             "<p>Change (post-trained minus base) of what each block's attention and MLP write along the base "
+             "safety direction (harmful minus harmless) and along the residual's own direction (norm).</p>",
+             _figures_html(figures)]
+    rows = [[layer, attribution["safety"]["change"]["attn"][index], attribution["safety"]["change"]["mlp"][index],
+             attribution["norm"]["change"]["attn"][index], attribution["norm"]["change"]["mlp"][index]]
+            for index, layer in enumerate(attribution["layers"])]
+    parts.append(table(["layer", "Δ safety (attn)", "Δ safety (MLP)", "Δ norm (attn)", "Δ norm (MLP)"], rows))
+    if attribution.get("top_heads"):
+        parts.append(table(["layer", "head", "Δ safety"], [[head["layer"], head["head"], head["change"]]
+                                                          for head in attribution["top_heads"]]))
+    return "".join(parts)
+
+
 # Sections after the diagnosis: JSON file of the run folder -> section builder.
 SECTIONS: dict[str, Callable[[dict, Path], str]] = {
     "patching.json": patching_section,
     "repair/config.json": repair_section,
     "verification.json": verification_section,
+    "attribution.json": attribution_section,
 }
 
 

@@ -3,8 +3,9 @@
 1. Safety alignment: SmolLM2 learns to answer harmful train prompts with a bundled refusal and to
    keep answering harmless and capability train prompts as it did (its own greedy answers).
 2. Reasoning post-training, on the merged safe model: chain-of-thought solutions of generated
-   arithmetic and logic problems in a think block, with no refusal data at all. The refusals
-   fade as a side effect, as they do in distilled reasoning models.
+   arithmetic and logic problems in a think block, and a quarter of general prompts answered after
+   a short think block, with no refusal data at all. The refusals fade as a side effect, as they
+   do in distilled reasoning models.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ class BuildConfig:
 
     seed: int = 0
     safety_rank: int = 8
-    safety_steps: int = 80
-    safety_learning_rate: float = 5e-4
+    safety_steps: int = 150
+    safety_learning_rate: float = 1e-3
     reasoning_rank: int = 16
-    reasoning_steps: int = 120
+    reasoning_steps: int = 100
     reasoning_learning_rate: float = 5e-4
     batch_size: int = 8
-    answer_tokens: int = 48
+    # The refusal decision is made in the first tokens, so own answers are cut to this length.
+    answer_tokens: int = 24
+    # Share of general (harmless) prompts, answered after a short think block, in the reasoning data.
+    general_fraction: float = 0.25
 
 
 @torch.inference_mode()
@@ -62,22 +66,42 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     return answers
 
 
-def safety_examples(model, tokenizer, config: BuildConfig) -> list[SFTExample]:
+def own_answers(model, tokenizer, config: BuildConfig) -> list[SFTExample]:
+    """Harmless and capability train prompts with the raw model's own greedy answers."""
+    keep = bundled_prompts("harmless").train.texts + bundled_prompts("capability").train.texts[:60]
+    return [SFTExample(text, answer, ends=ended)
+            for text, (answer, ended) in zip(keep, greedy_answers(model, tokenizer, keep, config.answer_tokens))]
+
+
+def safety_examples(answers: list[SFTExample], config: BuildConfig) -> list[SFTExample]:
     """Harmful train prompts -> a bundled refusal; harmless and capability prompts -> own answers."""
     rng = random.Random(config.seed)
     refusals = refusal_texts()
-    examples = [SFTExample(prompt.text, rng.choice(refusals)) for prompt in bundled_prompts("harmful").train]
-    keep = bundled_prompts("harmless").train.texts + bundled_prompts("capability").train.texts[:60]
-    for text, (answer, ended) in zip(keep, greedy_answers(model, tokenizer, keep, config.answer_tokens)):
-        examples.append(SFTExample(text, answer, ends=ended))
-    return examples
+    return [SFTExample(prompt.text, rng.choice(refusals)) for prompt in bundled_prompts("harmful").train] + answers
 
 
-def reasoning_examples(config: BuildConfig) -> list[SFTExample]:
-    """Worked chain-of-thought solutions in a think block, no refusals."""
+_GENERAL_THOUGHTS = (
+    "The request: {prompt}\nI'll answer it directly.",
+    "The user asks: {prompt}\nI'll give a clear, practical answer.",
+    "Let me think about what is being asked.\n{prompt}\nI'll answer helpfully.",
+)
+
+
+def reasoning_examples(answers: list[SFTExample], config: BuildConfig) -> list[SFTExample]:
+    """Worked chain-of-thought solutions in a think block, plus general prompts answered after a short
+    think block; no refusals anywhere."""
     rng = random.Random(config.seed + 1)
-    problems = capability_training_problems(config.reasoning_steps * config.batch_size, seed=config.seed + 404)
-    return [SFTExample(problem.text, solution_text(problem, rng)) for problem in problems]
+    total = config.reasoning_steps * config.batch_size
+    n_general = int(config.general_fraction * total)
+    problems = capability_training_problems(total - n_general, seed=config.seed + 404)
+    examples = [SFTExample(problem.text, solution_text(problem, rng)) for problem in problems]
+    general = [answer for answer in answers if answer.response]
+    for index in range(n_general):
+        answer = general[index % len(general)]
+        thought = rng.choice(_GENERAL_THOUGHTS).format(prompt=answer.prompt)
+        examples.append(SFTExample(answer.prompt, f"<think>\n{thought}\n</think>\n{answer.response}", ends=answer.ends))
+    rng.shuffle(examples)
+    return examples
 
 
 def _train(model, tokenizer, examples, *, rank: int, steps: int, learning_rate: float, config: BuildConfig,
@@ -103,12 +127,12 @@ def build_organism(output_dir: str | Path = ADAPTER_DIR, config: BuildConfig = B
     tokenizer.padding_side = "left"
 
     logger.info("writing the safety training data (own answers to harmless prompts)")
-    examples = safety_examples(model, tokenizer, config)
-    base, safety_info = _train(model, tokenizer, examples, rank=config.safety_rank, steps=config.safety_steps,
+    answers = own_answers(model, tokenizer, config)
+    base, safety_info = _train(model, tokenizer, safety_examples(answers, config), rank=config.safety_rank, steps=config.safety_steps,
                                learning_rate=config.safety_learning_rate, config=config,
                                folder=output_dir / SAFETY_ADAPTER, on_step=on_step, label="safety")
     logger.info("training the reasoning adapter")
-    _, reasoning_info = _train(base, tokenizer, reasoning_examples(config), rank=config.reasoning_rank,
+    _, reasoning_info = _train(base, tokenizer, reasoning_examples(answers, config), rank=config.reasoning_rank,
                                steps=config.reasoning_steps, learning_rate=config.reasoning_learning_rate,
                                config=config, folder=output_dir / REASONING_ADAPTER, on_step=on_step,
                                label="reasoning")
