@@ -3,7 +3,7 @@
 Each pipeline stage writes its result into a run folder (`diagnosis.json`, `patching.json`,
 `repair/`, `verification.json`, `figures/`, `report.html`). Every file is written to a temporary
 name in the same folder and renamed into place, so an interrupted run never leaves a half-written
-file, and a folder that already holds results is only replaced when the caller asks.
+file, and a folder that already contains results is only replaced when the caller asks.
 """
 
 from __future__ import annotations

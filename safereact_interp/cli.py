@@ -100,12 +100,13 @@ def _diagnose_arguments(parser: argparse.ArgumentParser) -> None:
                        help="verdict: mean direction similarity that counts as kept (default 0.5)")
     group.add_argument("--separability-threshold", type=float, default=0.8,
                        help="verdict: mean AUROC in the post-trained model that counts as kept (default 0.8)")
-    group.add_argument("--max-new-tokens", type=int, default=32,
-                       help="tokens generated per prompt for the refusal rate (default 32)")
+    group.add_argument("--max-new-tokens", type=int, default=24,
+                       help="tokens generated per prompt for the refusal rate (default 24)")
     group.add_argument("--capability-max-new-tokens", type=int, default=96,
                        help="tokens generated per capability problem (default 96)")
     group.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
-    group.add_argument("--generation-batch-size", type=int, default=32, help="prompts per generation batch")
+    group.add_argument("--generation-batch-size", type=int, default=64,
+                       help="prompts per generation batch (default 64)")
     group.add_argument("--response-prefix", default="",
                        help="text the assistant's response starts with, e.g. '<think>\\n' (default none)")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
@@ -429,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.handler(args)
     except SafeReactError as error:

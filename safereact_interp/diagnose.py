@@ -2,7 +2,7 @@
 removed, or present but masked?
 
 At every layer l the diagnosis compares the two models' safety directions (difference in means
-of harmful and harmless activations), asks whether P still separates harmful from harmless
+of harmful and harmless activations), tests whether P still separates harmful from harmless
 prompts along B's direction, and measures how much post-training amplified P's activations and
 its capability representations relative to the safety signal. Masking, m_l < 1, means the safety
 signal still exists in P but is a smaller share of the residual stream than in B. The verdict
@@ -91,7 +91,7 @@ class LayerMetrics:
 class Diagnosis:
     """Result of `diagnose`: per-layer metrics, refusal and capability numbers, verdict, ranking.
 
-    Rates and accuracies are fractions in 0..1. `verdict_numbers` holds the numbers the verdict
+    Rates and accuracies are fractions in 0..1. `verdict_numbers` contains the numbers the verdict
     was decided on; `layer_scores` the ranking score of every layer.
     """
 
@@ -382,7 +382,7 @@ def diagnosis_intervals(base: ModelActivations, post: ModelActivations, probe_ou
 
 
 def verdict_uncertainty(verdict: VerdictLabel, intervals: dict, thresholds: VerdictThresholds) -> list[str]:
-    """The verdict's criteria whose confidence interval contains the threshold."""
+    """List the verdict's criteria whose confidence interval contains the threshold."""
     reasons = []
     checks = [("refusal drop", intervals["refusal_drop"], thresholds.refusal_drop)]
     if verdict != "intact":
@@ -435,7 +435,7 @@ def collect_model_activations(model: LoadedModel, prompts: EvalPrompts, layers: 
 
 
 def refusal_sets(prompts: EvalPrompts) -> dict[str, PromptSet]:
-    """The prompt sets whose refusal rates an evaluation reports, by name."""
+    """Return the prompt sets whose refusal rates an evaluation reports, by name."""
     sets = {"harmful": prompts.harmful_test, "harmless": prompts.harmless_test}
     sets.update(prompts.harmful_extra)
     return sets

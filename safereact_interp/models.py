@@ -2,7 +2,7 @@
 
 A model comes from a hub id, a local folder, a GGUF file or the bundled model organism
 (`organism:base`, `organism:post`). The HF model does the computation; the bridge wraps its
-modules in place and gives them TransformerLens hook names (`blocks.{l}.hook_resid_post`), so
+modules in place and gives them TransformerLens hook names (`blocks.{l}.hook_resid_post`). So
 generation through the HF model and hooks through the bridge act on the same weights.
 
 Booting the bridge renames the HF model's submodules, so `LoadedModel` records the original
@@ -11,6 +11,7 @@ parameter names first; exports and LoRA adapters are written under those names.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -35,7 +36,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's weights come from."""
+    """Source of a model's weights: its kind and location."""
 
     kind: Literal["hub", "local", "gguf", "organism"]
     location: str
@@ -53,6 +54,19 @@ class LoadedModel:
     bridge: Any
     parameter_names: dict[int, str] = field(repr=False, default_factory=dict)
     adapter: str | None = None
+
+    _plain: Any = field(default=None, repr=False, init=False)
+
+    @property
+    def plain_model(self) -> PreTrainedModel:
+        """The HF module tree without the bridge's wrappers, sharing every parameter with `hf_model`.
+
+        Generation and scoring without hooks run through it, skipping the wrappers' per-module
+        overhead. It falls back to `hf_model` when the unwrapped tree does not reproduce its logits.
+        """
+        if self._plain is None:
+            self._plain = _plain_view(self.hf_model, self.tokenizer)
+        return self._plain
 
     @property
     def n_layers(self) -> int:
@@ -93,6 +107,27 @@ class LoadedModel:
         atomic_write_text(folder / "config.json", json.dumps(config, indent=2, default=str))
         self.tokenizer.save_pretrained(str(folder))
         return folder
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Shallow copy of a module tree in which each bridge wrapper is replaced by the module it wraps."""
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    while isinstance(module, GeneralizedComponent) and module._modules.get("_original_component") is not None:
+        module = module._modules["_original_component"]
+    clone = copy.copy(module)
+    clone._modules = {name: None if child is None else _unwrap(child) for name, child in module._modules.items()}
+    return clone
+
+
+@torch.inference_mode()
+def _plain_view(hf_model: PreTrainedModel, tokenizer: Any) -> PreTrainedModel:
+    plain = _unwrap(hf_model).eval()
+    probe = tokenizer("A short probe sentence.", return_tensors="pt").input_ids.to(next(hf_model.parameters()).device)
+    if not torch.allclose(plain(probe).logits.float(), hf_model(probe).logits.float(), atol=1e-4, rtol=1e-4):
+        logger.warning("the unwrapped model does not reproduce the bridge's logits; generating through the bridge")
+        return hf_model
+    return plain
 
 
 @dataclass(eq=False)

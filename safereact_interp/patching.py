@@ -197,7 +197,7 @@ def layer_sweep(
     layers = check_layers(directions.layers if layers is None else layers, pair.post.n_layers)
     positions = check_positions(positions)
     check_same_tokenization(pair.base, pair.post, prompts, system_prompt=config.system_prompt)
-    tail = max(8, -min(positions))
+    tail = -min(positions)
 
     base_activations = collect_residuals(pair.base, prompts, layers, positions=positions, batch_size=batch_size,
                                          system_prompt=config.system_prompt)

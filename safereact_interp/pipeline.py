@@ -2,8 +2,8 @@
 
 Each stage reads what earlier stages wrote into the run folder (`config.json`, `diagnosis.json`,
 `patching.json`, `repair/`), writes its own JSON (and safetensors) atomically, and refreshes
-`report.html`, so any stage can be rerun alone. `RunOptions` holds every setting of a run and is
-saved as `config.json`, which is how later stages find the models and prompts again.
+`report.html`, so any stage can be rerun alone. `RunOptions` contains every setting of a run. It is
+saved as `config.json`, and later stages read it to find the models and prompts again.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ class RunOptions:
     refusal_drop: float = 0.25
     similarity_threshold: float = 0.5
     separability_threshold: float = 0.8
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     capability_max_new_tokens: int = 96
     batch_size: int = 16
-    generation_batch_size: int = 32
+    generation_batch_size: int = 64
     system_prompt: str | None = None
     response_prefix: str = ""
     seed: int = 0
@@ -134,7 +134,7 @@ def split_prompt_set(prompts: PromptSet, seed: int = FILE_SPLIT_SEED) -> PromptS
 
 
 def extra_set_name(path: str) -> str:
-    """The name an extra harmful file's refusal rate is reported under (its file stem)."""
+    """Return the name under which an extra harmful file's refusal rate is reported (its file stem)."""
     return Path(path).stem.lower().replace(" ", "_")
 
 
@@ -289,7 +289,7 @@ def stage_diagnose(options: RunOptions, out: str | Path, *, overwrite: bool = Fa
 
 
 def load_options(run_dir: str | Path) -> RunOptions:
-    """The RunOptions saved in a run folder's config.json."""
+    """Read the RunOptions saved in a run folder's config.json."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise RunFolderError(f"{run_dir} is not a run folder (no config.json); run `safereact diagnose "
@@ -298,7 +298,7 @@ def load_options(run_dir: str | Path) -> RunOptions:
 
 
 def load_diagnosis(run_dir: str | Path) -> Diagnosis:
-    """The diagnosis of a run folder, with a clear error when the stage has not run."""
+    """Read the diagnosis of a run folder; raise `RunFolderError` when that stage has not run."""
     path = Path(run_dir) / "diagnosis.json"
     if not path.is_file():
         raise RunFolderError(f"no diagnosis in {run_dir} (diagnosis.json missing); run "
@@ -328,7 +328,7 @@ def _patch_positions(options: RunOptions, tokenizer) -> tuple[int, ...]:
 
 
 def load_directions(run_dir: str | Path, key: str = "safety_base"):
-    """A set of directions saved by the diagnosis (safety_base, safety_post, capability_*)."""
+    """Read one set of directions saved by the diagnosis (safety_base, safety_post, capability_*)."""
     from .artifacts import load_tensors
     from .directions import Directions
 
@@ -396,7 +396,7 @@ def repair_config(options: RunOptions, layers: list[int]):
 
 
 def chosen_layers(run_dir: Path, options: RunOptions) -> list[int]:
-    """The repair layers: --layers when given, else the selection in patching.json."""
+    """Return the repair layers: --layers when given, else the selection in patching.json."""
     if options.repair_layers:
         return list(options.repair_layers)
     path = run_dir / "patching.json"
@@ -636,7 +636,7 @@ def print_verification(data: dict, echo=print) -> None:
 
 def stage_run(options: RunOptions, out: str | Path, *, overwrite: bool = False, resume: bool = False,
               progress: ProgressFactory = no_progress, on_step=None, echo=None) -> Path:
-    """All stages: diagnose (new folder), patch, repair, verify; the models are loaded once.
+    """Run all stages (diagnose into a new folder, patch, repair, verify), loading the models once.
 
     With `resume`, an existing run folder keeps the stages it completed (same config) and the repair
     continues from its checkpoint.

@@ -1,8 +1,8 @@
 """Plotly figures with one theme, a colour-blind-safe palette and HTML + PNG/SVG/PDF export.
 
-Every figure function returns a `plotly.graph_objects.Figure`; `save_figure` writes it as
-interactive HTML (sharing one local copy of plotly.js per folder, so the files open offline) and
-as static images through kaleido, which needs a Chrome or Chromium browser on the machine.
+Every figure function returns a `plotly.graph_objects.Figure`. `save_figure` writes it as
+interactive HTML, with one local copy of plotly.js per folder so the files open offline, and as
+static images through kaleido, which needs a Chrome or Chromium browser on the machine.
 """
 
 from __future__ import annotations

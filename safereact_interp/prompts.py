@@ -7,9 +7,9 @@ number in a report refers to the same prompts. Public files (AdvBench, HarmBench
 StrongREJECT-style CSV, Alpaca-style JSON, JSONL, plain text) load by path.
 
 Prompts are rendered with each model's chat template. The *readout positions* are given as
-negative offsets from the end of the rendered prompt (-1 is the last prompt token), which stay
-valid under left padding; the post-instruction positions are the template tokens that follow the
-user's text.
+negative offsets from the end of the rendered prompt (-1 is the last prompt token), because such
+offsets stay valid under left padding. The post-instruction positions are the template tokens that
+follow the user's text.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def load_named(path: str | Path, format: str = "auto", role: Role = "harmful", *
         kept = tuple(prompt for prompt in prompts if prompt.category != "copyright")
         prompts = replace(prompts, prompts=kept)
         if not kept:
-            raise PromptFileError(f"prompt file {path} holds only copyright behaviours; pass include_copyright=True")
+            raise PromptFileError(f"prompt file {path} contains only copyright behaviours; pass include_copyright=True")
     return prompts.head(limit) if limit is not None else prompts
 
 
@@ -377,7 +377,7 @@ def post_instruction_positions(tokenizer: Any, system_prompt: str | None = None)
 
 
 def encode(tokenizer: Any, rendered: Sequence[str]) -> list[list[int]]:
-    """Token ids of rendered prompts; the chat template already holds any special tokens."""
+    """Tokenize rendered prompts without adding special tokens, because the chat template contains them."""
     add_special = not has_chat_template(tokenizer)
     return [tokenizer(text, add_special_tokens=add_special).input_ids for text in rendered]
 
@@ -411,7 +411,7 @@ class EvalPrompts:
 
     Directions come from the train sets, separability and probe transfer are scored on the
     validation sets, and refusal rates and capability accuracy on the test sets. `harmful_extra`
-    holds further harmful sets (for example AdvBench) whose refusal rates are reported too.
+    contains further harmful sets (for example AdvBench) whose refusal rates are reported too.
     """
 
     harmful_train: PromptSet
@@ -427,7 +427,7 @@ class EvalPrompts:
     @classmethod
     def bundled(cls, *, n_train: int | None = None, n_val: int | None = None,
                 n_test: int | None = None, extra: dict[str, PromptSet] | None = None) -> EvalPrompts:
-        """The bundled sets, each cut to its first `n_train`, `n_val` or `n_test` prompts."""
+        """Build the bundled sets, each cut to its first `n_train`, `n_val` or `n_test` prompts."""
         harmful, harmless, capability = (bundled_prompts(role) for role in ROLES)
         return cls(
             harmful_train=harmful.train.head(n_train),

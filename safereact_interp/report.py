@@ -43,7 +43,7 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence], left_columns: int = 1) -> str:
-    """An HTML table; the first `left_columns` columns are left-aligned."""
+    """Render an HTML table whose first `left_columns` columns are left-aligned."""
     head = "".join(f'<th class="{"left" if index < left_columns else ""}">{html.escape(str(header))}</th>'
                    for index, header in enumerate(headers))
     body = []

@@ -1,8 +1,8 @@
 """Bootstrap confidence intervals by prompt resampling.
 
-Each quantity is recomputed on prompt sets drawn with replacement from the original ones (the same
-draw for the base and the post-trained model, since they saw the same prompts), and the interval is
-the 2.5th and 97.5th percentile over the draws. Directions are refitted on every draw, so the
+Each quantity is recomputed on prompt sets drawn with replacement from the original ones. The base
+and the post-trained model share each draw, since they saw the same prompts. The interval is the
+2.5th and 97.5th percentile over the draws. Directions are refitted on every draw, so the
 intervals of the direction similarity include the noise of the direction estimate; separability and
 probe accuracy resample the held-out prompts; rates resample per-prompt outcomes.
 """

@@ -112,7 +112,7 @@ def causal_checks(post: LoadedModel, repaired: LoadedModel, prompts: PromptSet, 
                   config: RefusalScoreConfig = RefusalScoreConfig(), batch_size: int = 16) -> dict:
     """(a) patch the repaired model's activations at `layers` into the post-trained model, (b) ablate
     the base safety direction in the repaired model; both scored by the refusal score."""
-    tail = max(8, -min(positions))
+    tail = -min(positions)
     post_scorer = RefusalScorer(post, prompts, config=config, batch_size=batch_size, tail=tail)
     repaired_scorer = RefusalScorer(repaired, prompts, config=config, batch_size=batch_size, tail=tail)
     score_post = float(post_scorer.score().mean())

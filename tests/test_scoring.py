@@ -63,6 +63,13 @@ def test_phrase_judge_views():
     assert whole.judge([""] * 4, responses) == [True, False, True, True]
 
 
+def test_phrase_judge_knows_bundled_refusals():
+    from safereact_interp.prompts import refusal_texts
+
+    texts = refusal_texts()
+    assert RefusalPhraseJudge().judge([""] * len(texts), texts) == [True] * len(texts)
+
+
 def test_kl_to_itself_is_zero(tiny_model):
     texts = bundled_prompts("harmless").test.texts[:3]
     assert abs(kl_divergence(tiny_model, tiny_model, texts, ["An answer.", "Another one.", "Third."])) < 1e-6

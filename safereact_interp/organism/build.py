@@ -1,7 +1,9 @@
 """Retrain the organism's two LoRA adapters from the bundled data, deterministically from a seed.
 
 1. Safety alignment: SmolLM2 learns to answer harmful train prompts with a bundled refusal and to
-   keep answering harmless and capability train prompts as it did (its own greedy answers).
+   keep answering harmless and capability train prompts as it did (its own greedy answers). Two
+   training-only pools add harmful requests in polite wording and benign requests in the wording
+   of harmful ones ("kill a process", "Help me ..."), against shortcut refusals.
 2. Reasoning post-training, on the merged safe model: chain-of-thought solutions of generated
    arithmetic and logic problems in a think block, and a quarter of general prompts answered after
    a short think block, with no refusal data at all. The refusals fade as a side effect, as they
@@ -21,7 +23,8 @@ import torch
 
 from ..artifacts import write_json
 from ..capability import solution_text
-from ..prompts import bundled_prompts, capability_training_problems, encode, left_pad, refusal_texts, render_chat
+from ..prompts import (_read_bundled_jsonl, bundled_prompts, capability_training_problems, encode, left_pad,
+                       refusal_texts, render_chat)
 from ..training import LoraSettings, SFTExample, add_lora, lora_parameters, save_adapter, train_sft
 from . import ADAPTER_DIR, REASONING_ADAPTER, SAFETY_ADAPTER, _load_raw
 
@@ -34,7 +37,7 @@ class BuildConfig:
 
     seed: int = 0
     safety_rank: int = 8
-    safety_steps: int = 150
+    safety_steps: int = 200
     safety_learning_rate: float = 1e-3
     reasoning_rank: int = 16
     reasoning_steps: int = 100
@@ -68,16 +71,24 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
 
 def own_answers(model, tokenizer, config: BuildConfig) -> list[SFTExample]:
     """Harmless and capability train prompts with the raw model's own greedy answers."""
-    keep = bundled_prompts("harmless").train.texts + bundled_prompts("capability").train.texts[:60]
+    keep = (bundled_prompts("harmless").train.texts + training_pool("harmless_train_extra.jsonl")
+            + bundled_prompts("capability").train.texts[:60])
     return [SFTExample(text, answer, ends=ended)
             for text, (answer, ended) in zip(keep, greedy_answers(model, tokenizer, keep, config.answer_tokens))]
+
+
+def training_pool(filename: str) -> list[str]:
+    """Prompts of a training-only pool: never part of the evaluation splits. They repeat the
+    wording of the other role's prompts, so that refusal cannot hinge on phrasing alone."""
+    return [record["text"] for record in _read_bundled_jsonl(filename)]
 
 
 def safety_examples(answers: list[SFTExample], config: BuildConfig) -> list[SFTExample]:
     """Harmful train prompts -> a bundled refusal; harmless and capability prompts -> own answers."""
     rng = random.Random(config.seed)
     refusals = refusal_texts()
-    return [SFTExample(prompt.text, rng.choice(refusals)) for prompt in bundled_prompts("harmful").train] + answers
+    harmful = bundled_prompts("harmful").train.texts + training_pool("harmful_train_extra.jsonl")
+    return [SFTExample(text, rng.choice(refusals)) for text in harmful] + answers
 
 
 _GENERAL_THOUGHTS = (
