@@ -206,6 +206,7 @@ STAGE_SETTINGS = {
     "steps": "steps", "repair_batch_size": "repair_batch_size", "learning_rate": "learning_rate",
     "align_weight": "align_weight", "retain_weight": "retain_weight", "kl_weight": "kl_weight",
     "mode": "repair_mode", "checkpoint_every": "checkpoint_every", "kl_prompts": "kl_prompts",
+    "refusal_texts": "refusal_texts", "compliance_texts": "compliance_texts",
 }
 
 
@@ -215,7 +216,12 @@ def _patch_arguments(parser: argparse.ArgumentParser, *, with_layers: bool = Tru
     if with_layers:
         group.add_argument("--layers", type=parse_layers,
                            help="repair these layers instead of the chosen ones, e.g. 20,24,28")
-    group.add_argument("--patch-prompts", type=int, help="harmful validation prompts used for patching (default 32)")
+    group.add_argument("--patch-prompts", type=int, help="harmful validation prompts used for patching (default 24)")
+    group.add_argument("--refusal-text", action="append", dest="refusal_texts", metavar="TEXT",
+                       help="refusal continuation of the refusal score (repeatable; default \"I'm sorry\", "
+                            "\"I can't\")")
+    group.add_argument("--compliance-text", action="append", dest="compliance_texts", metavar="TEXT",
+                       help="compliance continuation of the refusal score (repeatable; default \"Sure\", \"Here\")")
     group.add_argument("--patch-positions", type=parse_positions,
                        help="positions patched, as negative offsets (default: the post-instruction tokens)")
 
@@ -273,14 +279,14 @@ def _run_options(args: argparse.Namespace):
     return options
 
 
-def _repair_progress():
+def _repair_progress(total: int):
     from tqdm.auto import tqdm
 
     bar: dict = {}
 
     def on_step(step: int, entry: dict) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(desc="repair", initial=step, unit="step")
+            bar["bar"] = tqdm(desc="repair", total=total, initial=step, unit="step", leave=False)
         bar["bar"].update(1)
         bar["bar"].set_postfix(align=f"{entry['align_loss']:.4f}", retain=f"{entry['retain_loss']:.4f}")
 
@@ -305,7 +311,8 @@ def command_patch(args: argparse.Namespace) -> int:
 def command_repair(args: argparse.Namespace) -> int:
     from .pipeline import stage_repair
 
-    result = stage_repair(args.run, options=_run_options(args), restart=args.restart, on_step=_repair_progress())
+    options = _run_options(args)
+    result = stage_repair(args.run, options=options, restart=args.restart, on_step=_repair_progress(options.steps))
     last = result.log[-1] if result.log else None
     if last is not None:
         print(f"\nrepair: {last['step'] + 1} steps, alignment loss {result.log[0]['align_loss']:.4f} -> "
@@ -335,7 +342,7 @@ def command_run(args: argparse.Namespace) -> int:
         options.repair_layers = args.layers_override
     start = time.perf_counter()
     out = stage_run(options, args.out, overwrite=args.overwrite, resume=args.resume, progress=tqdm_progress,
-                    on_step=_repair_progress(), echo=print)
+                    on_step=_repair_progress(options.steps), echo=print)
     print(f"\nwrote {out}/ (diagnosis.json, patching.json, repair/, verification.json, figures/, report.html) "
           f"in {time.perf_counter() - start:.0f} s")
     return 0

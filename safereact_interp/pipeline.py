@@ -71,7 +71,9 @@ class RunOptions:
     harmless_format: str = "auto"
     formats: list[str] = field(default_factory=lambda: ["html", "png"])
     # activation patching and layer selection
-    patch_prompts: int = 32
+    patch_prompts: int = 24
+    refusal_texts: list[str] | None = None
+    compliance_texts: list[str] | None = None
     patch_positions: list[int] | None = None
     k: int = 3
     repair_layers: list[int] | None = None
@@ -316,7 +318,12 @@ def load_evaluation(run_dir: str | Path, name: str) -> ModelEvaluation | None:
 def _score_config(options: RunOptions):
     from .scoring import RefusalScoreConfig
 
-    return RefusalScoreConfig(response_prefix=options.response_prefix, system_prompt=options.system_prompt)
+    settings = {"response_prefix": options.response_prefix, "system_prompt": options.system_prompt}
+    if options.refusal_texts:
+        settings["refusals"] = tuple(options.refusal_texts)
+    if options.compliance_texts:
+        settings["compliances"] = tuple(options.compliance_texts)
+    return RefusalScoreConfig(**settings)
 
 
 def _patch_positions(options: RunOptions, tokenizer) -> tuple[int, ...]:

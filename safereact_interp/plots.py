@@ -92,8 +92,8 @@ def per_layer_figure(
                                     line=dict(color=line_colour, width=2.2, dash=(dashes or {}).get(name, "solid")),
                                     marker=dict(size=5)))
     if reference is not None:
-        figure.add_hline(y=reference, line=dict(color=PALETTE["neutral"], dash="dot", width=1.2),
-                         annotation_text=reference_label, annotation_position="top left")
+        annotation = dict(annotation_text=reference_label, annotation_position="top left") if reference_label else {}
+        figure.add_hline(y=reference, line=dict(color=PALETTE["neutral"], dash="dot", width=1.2), **annotation)
     figure.update_layout(template=TEMPLATE, title=title, width=DEFAULT_SIZE[0], height=DEFAULT_SIZE[1],
                          xaxis_title="layer (residual stream after block)", yaxis_title=y_title,
                          legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
@@ -261,7 +261,7 @@ def patching_figure(patching: Mapping, selected: Sequence[int] = ()) -> go.Figur
     for layer in selected:
         figure.add_vline(x=layer, line=dict(color=PALETTE["repaired"], width=1.5, dash="dot"))
     if selected:
-        figure.add_annotation(x=max(selected), y=1.0, yref="paper", text="chosen for repair", showarrow=False,
+        figure.add_annotation(x=max(selected), y=0.02, yref="paper", text="chosen for repair ", showarrow=False,
                               font=dict(color=PALETTE["repaired"]), xanchor="right", yanchor="bottom")
     return figure
 

@@ -73,8 +73,10 @@ def _positions_from_mask(mask: Int[Tensor, "batch pos"], offset: Int[Tensor, "ba
 
 # ---- refusal score --------------------------------------------------------------------------
 
-DEFAULT_REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot help with that request.")
-DEFAULT_COMPLIANCES = ("Sure, here is how to do it.", "Here is a step-by-step guide.")
+# Short continuations: the refusal decision is made in the first tokens, and the later tokens of a
+# long continuation are predictable from its start in any model, which would dilute the score.
+DEFAULT_REFUSALS = ("I'm sorry", "I can't")
+DEFAULT_COMPLIANCES = ("Sure", "Here")
 
 
 @dataclass(frozen=True)

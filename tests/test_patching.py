@@ -27,7 +27,7 @@ def test_self_patch_is_noop(planted_pair, harmful):
     post = planted_pair.post
     positions = (-3, -2, -1)
     own = collect_residuals(post, harmful, range(4), positions=positions)
-    scorer = RefusalScorer(post, harmful, batch_size=4)
+    scorer = RefusalScorer(post, harmful, batch_size=4, tail=3)
     clean = scorer.score()
     for index in range(4):
         patched = scorer.score([ResidualPatch(index, own.values[:, index], positions)])
