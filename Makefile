@@ -33,7 +33,7 @@ bench: setup
 	$(PY) benchmarks/bench_activations.py
 
 figures: setup
-	$(PY) analyses/make_all.py --run runs/figures --out figures
+	$(PY) analyses/make_all.py --run $(DEMO_OUT) --out figures
 
 organism: setup
 	$(VENV)/bin/safereact organism build --overwrite

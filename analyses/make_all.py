@@ -1,11 +1,12 @@
 """Regenerate every figure of figures/ on the bundled model organism.
 
-1. `safereact run` on the organism into the run folder (skipped when it already holds a finished run,
-   unless --refresh), with AdvBench as an extra harmful set when ../shared/data/advbench.csv exists;
+1. `safereact run` on the organism into the run folder with the settings of `make demo` (skipped when
+   the folder already holds a finished run, such as the one `make demo` wrote, unless --refresh), with
+   AdvBench as an extra harmful set when ../shared/data/advbench.csv exists;
 2. component attribution (attribution.json) and the repaired model's validation activations (for the PCA);
 3. every fig_*.py script, writing HTML + PNG + SVG + PDF into --out.
 
-    python analyses/make_all.py [--run runs/figures] [--out figures] [--refresh]
+    python analyses/make_all.py [--run runs/demo] [--out figures] [--refresh]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def repaired_activations(run: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("runs/figures"))
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("--refresh", action="store_true", help="rerun the pipeline even if the run folder is complete")
     args = parser.parse_args()
@@ -53,7 +54,7 @@ def main() -> None:
 
     if args.refresh or not (args.run / "verification.json").is_file():
         options = RunOptions(extra_harmful=[str(ADVBENCH)] if ADVBENCH.is_file() else [],
-                             formats=["html", "png", "svg", "pdf"])
+                             max_new_tokens=16, capability_max_new_tokens=80)  # as in `make demo`
         stage_run(options, args.run, overwrite=True, progress=tqdm_progress, echo=print)
     if args.refresh or not (args.run / "attribution.json").is_file():
         stage_attribute(args.run)

@@ -37,8 +37,8 @@ def main() -> None:
     hf_model, tokenizer = load_organism_hf("base", dtype="float32", device="cpu")
     tokenizer.padding_side = "left"
     sequences = encode(tokenizer, render_chat(tokenizer, texts))
-    batches = [left_pad([sequences[index] for index in batch], tokenizer.pad_token_id)
-               for batch in length_sorted_batches([len(sequence) for sequence in sequences], args.batch_size)]
+    order = length_sorted_batches([len(sequence) for sequence in sequences], args.batch_size)
+    batches = [left_pad([sequences[index] for index in batch], tokenizer.pad_token_id) for batch in order]
 
     def run_toolkit() -> torch.Tensor:
         return collect_residuals(toolkit_model, texts, batch_size=args.batch_size).values
@@ -51,8 +51,12 @@ def main() -> None:
             outputs.append(torch.stack([state[:, -1] for state in hidden[1:]], dim=1).float().cpu())
         return outputs
 
-    run_toolkit()
-    run_hf()
+    # Both sides must compute the same activations, or the timing compares different work.
+    toolkit_values = run_toolkit()[:, :, -1]
+    hf_values = torch.cat(run_hf())[torch.argsort(torch.tensor([index for batch in order for index in batch]))]
+    difference = (toolkit_values - hf_values).abs().max().item()
+    if difference > 1e-3:
+        raise SystemExit(f"toolkit and HF activations differ by up to {difference:.2e}; the timing would be meaningless")
     toolkit_times, hf_times = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -67,6 +71,7 @@ def main() -> None:
           f"torch {torch.__version__}")
     print(f"{args.prompts} prompts, {toolkit_model.n_layers} layers, batch size {args.batch_size}, "
           f"median of {args.repeats} repeats")
+    print(f"max abs difference of the activations: {difference:.1e}")
     print(f"toolkit collect_residuals:        {toolkit:.2f} s  (runs: {', '.join(f'{t:.2f}' for t in toolkit_times)})")
     print(f"HF forward, output_hidden_states: {hf:.2f} s  (runs: {', '.join(f'{t:.2f}' for t in hf_times)})")
     print(f"ratio toolkit / HF: {toolkit / hf:.3f}")

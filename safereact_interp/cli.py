@@ -234,11 +234,11 @@ def _repair_arguments(parser: argparse.ArgumentParser) -> None:
                        help="LoRA target modules, comma-separated (default: attention and MLP projections)")
     group.add_argument("--lora-layers", type=parse_layers,
                        help="layers that get adapters (default: first to last chosen layer)")
-    group.add_argument("--steps", type=int, help="training steps (default 60)")
+    group.add_argument("--steps", type=int, help="training steps (default 120)")
     group.add_argument("--repair-batch-size", type=int, help="prompts per step for each loss (default 8)")
-    group.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate", help="learning rate (default 1e-3)")
+    group.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate", help="learning rate (default 2e-3)")
     group.add_argument("--align-weight", type=float, help="weight of the alignment loss (default 1)")
-    group.add_argument("--retain-weight", type=float, help="weight of the retain loss (default 30)")
+    group.add_argument("--retain-weight", type=float, help="weight of the retain loss (default 10)")
     group.add_argument("--kl-weight", type=float, help="weight of the KL retain term (default 0: off)")
     group.add_argument("--mode", choices=["activation", "direction"],
                        help="align whole normalised activations (default) or only the safety-direction projection")
@@ -289,6 +289,8 @@ def _repair_progress(total: int):
             bar["bar"] = tqdm(desc="repair", total=total, initial=step, unit="step", leave=False)
         bar["bar"].update(1)
         bar["bar"].set_postfix(align=f"{entry['align_loss']:.4f}", retain=f"{entry['retain_loss']:.4f}")
+        if step + 1 >= total:
+            bar["bar"].close()
 
     return on_step
 

@@ -83,11 +83,11 @@ class RunOptions:
     lora_alpha: float = 16.0
     lora_modules: list[str] | None = None
     lora_layers: list[int] | None = None
-    steps: int = 60
+    steps: int = 120
     repair_batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     align_weight: float = 1.0
-    retain_weight: float = 30.0
+    retain_weight: float = 10.0
     kl_weight: float = 0.0
     repair_mode: str = "activation"
     checkpoint_every: int = 20
@@ -383,6 +383,11 @@ def stage_patch(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = N
         selection = select_layers(result, diagnosis.layer_scores, diagnosis.layers, k=options.k, n_layers=base.n_layers)
     data = result.to_dict()
     data["selection"] = selection
+    data["score_separates"] = data["score_base"] > data["score_post"]
+    if not data["score_separates"]:
+        logger.warning("the refusal score of the base model (%.3f) is not above the post-trained model's (%.3f), "
+                       "so fractions restored do not measure refusal; pass --refusal-text and --compliance-text "
+                       "with the openings these models actually produce", data["score_base"], data["score_post"])
     write_json(run_dir / "patching.json", data)
     save_figure(patching_figure(data, selection["layers"]), run_dir / "figures", "patching", formats=options.formats)
     save_figure(intervention_figure(data), run_dir / "figures", "interventions", formats=options.formats)
@@ -542,7 +547,7 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
     if options.baselines:
         directions = load_directions(run_dir)
         if patching is not None:
-            layer, alpha = choose_addition(patching, patching["score_base"])
+            layer, alpha = choose_addition(patching)
         else:
             layer, alpha = layers[-1], 1.0
         addition = ActivationAddition(layer, alpha * directions.at(layer))
@@ -631,7 +636,7 @@ def print_verification(data: dict, echo=print) -> None:
     echo("")
     echo(f"repair layers {data['layers']}: patching their activations into the post-trained model restores "
          f"{data['fraction_restored_by_patching']:.2f} of the regained refusal score; ablating the base "
-         f"safety direction removes {data['ablation_refusal_drop']:.2f} of it")
+         f"safety direction removes {data['ablation_refusal_drop']:.2f} times the regained score")
     echo(f"trainable parameters: {100 * data['trainable_parameter_fraction']:.2f} %, repair time "
          f"{data['repair_seconds']:.0f} s")
     for key, value in data.get("targets", {}).items():

@@ -59,11 +59,11 @@ class RepairConfig:
     rank: int = 8
     alpha: float = 16.0
     modules: tuple[str, ...] | None = None
-    steps: int = 60
+    steps: int = 120
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     align_weight: float = 1.0
-    retain_weight: float = 30.0
+    retain_weight: float = 10.0
     kl_weight: float = 0.0
     mode: RepairMode = "activation"
     positions: tuple[int, ...] | None = None

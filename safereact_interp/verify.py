@@ -27,6 +27,7 @@ import numpy as np
 
 from .activations import collect_residuals
 from .directions import Directions
+from .errors import ConfigError
 from .models import LoadedModel, load_unwrapped, wrap_model
 from .patching import ActivationAddition, ResidualPatch, ablation_of, fraction_restored
 from .progress import ProgressFactory, no_progress
@@ -97,14 +98,19 @@ def train_refusal_lora(post_spec: str, harmful: PromptSet, config: RepairConfig,
     return model, seconds
 
 
-def choose_addition(patching: dict, score_base: float) -> tuple[int, float]:
-    """Baseline (i) settings: the swept layer and the smallest alpha whose refusal score reaches the
-    base model's (the largest swept alpha when none does)."""
+def choose_addition(patching: dict) -> tuple[int, float]:
+    """Baseline (i) settings: the swept layer and the smallest positive alpha that restores the base
+    model's refusal score (fraction restored >= 1), else the positive alpha that restores the most."""
     addition = patching["addition"]
-    for alpha, score in zip(addition["alphas"], addition["scores"]):
-        if score >= score_base:
-            return addition["layer"], float(alpha)
-    return addition["layer"], float(addition["alphas"][-1])
+    swept = [(float(alpha), fraction) for alpha, fraction in zip(addition["alphas"], addition["fraction_restored"])
+             if alpha > 0]
+    if not swept:
+        raise ConfigError(f"the addition sweep has no positive alpha ({addition['alphas']}); add one to "
+                          f"\"alphas\" in the run's config.json and rerun `safereact patch`")
+    for alpha, fraction in swept:
+        if fraction >= 1.0:
+            return addition["layer"], alpha
+    return addition["layer"], max(swept, key=lambda item: item[1])[0]
 
 
 def causal_checks(post: LoadedModel, repaired: LoadedModel, prompts: PromptSet, layers: Sequence[int],

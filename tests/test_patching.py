@@ -3,7 +3,7 @@ import torch
 
 from safereact_interp.activations import collect_residuals
 from safereact_interp.directions import Directions, compute_directions
-from safereact_interp.errors import TokenizationMismatchError
+from safereact_interp.errors import ConfigError, TokenizationMismatchError
 from safereact_interp.models import ModelPair
 from safereact_interp.patching import (DirectionPatch, ResidualPatch, check_same_tokenization, layer_sweep,
                                        select_layers)
@@ -78,3 +78,17 @@ def test_tokenization_mismatch_raises(tiny_model, tmp_path, tokenizer):
     other.tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}"
     with pytest.raises(TokenizationMismatchError, match="tokenizes differently"):
         check_same_tokenization(tiny_model, other, ["hello"])
+
+
+def test_choose_addition_skips_zero_alpha():
+    from safereact_interp.verify import choose_addition
+
+    sweep = {"addition": {"layer": 5, "alphas": [0.0, 0.5, 1.0, 2.0], "fraction_restored": [0.0, 0.4, 1.2, 1.5]}}
+    assert choose_addition(sweep) == (5, 1.0)
+    sweep["addition"]["fraction_restored"] = [0.0, 0.4, 0.7, 0.6]
+    assert choose_addition(sweep) == (5, 1.0)
+    sweep["addition"]["fraction_restored"] = [0.0, -0.1, -0.3, -0.2]
+    assert choose_addition(sweep) == (5, 0.5)
+    sweep["addition"]["alphas"] = [0.0]
+    with pytest.raises(ConfigError, match="positive alpha"):
+        choose_addition(sweep)
