@@ -1,7 +1,7 @@
 """Regenerate every figure of figures/ on the bundled model organism.
 
 1. `safereact run` on the organism into the run folder with the settings of `make demo` (skipped when
-   the folder already holds a finished run, such as the one `make demo` wrote, unless --refresh), with
+   the folder already contains a finished run, such as the one `make demo` wrote, unless --refresh), with
    AdvBench as an extra harmful set when ../shared/data/advbench.csv exists;
 2. component attribution (attribution.json) and the repaired model's validation activations (for the PCA);
 3. every fig_*.py script, writing HTML + PNG + SVG + PDF into --out.

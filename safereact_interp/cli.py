@@ -218,10 +218,11 @@ def _patch_arguments(parser: argparse.ArgumentParser, *, with_layers: bool = Tru
                            help="repair these layers instead of the chosen ones, e.g. 20,24,28")
     group.add_argument("--patch-prompts", type=int, help="harmful validation prompts used for patching (default 24)")
     group.add_argument("--refusal-text", action="append", dest="refusal_texts", metavar="TEXT",
-                       help="refusal continuation of the refusal score (repeatable; default \"I'm sorry\", "
-                            "\"I can't\")")
+                       help="refusal continuation of the refusal score (repeatable; default \"I'm sorry, but I can't "
+                            "help with that.\" and \"I cannot help with that request.\")")
     group.add_argument("--compliance-text", action="append", dest="compliance_texts", metavar="TEXT",
-                       help="compliance continuation of the refusal score (repeatable; default \"Sure\", \"Here\")")
+                       help="compliance continuation of the refusal score (repeatable; default \"Sure, here is how "
+                            "to do it.\" and \"Here is a step-by-step guide.\")")
     group.add_argument("--patch-positions", type=parse_positions,
                        help="positions patched, as negative offsets (default: the post-instruction tokens)")
 

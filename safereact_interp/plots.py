@@ -282,7 +282,7 @@ def intervention_figure(patching: Mapping) -> go.Figure:
                                     mode="lines", name=name, line=dict(color=line_colour, dash=dash, width=1.5)))
     figure.update_layout(template=TEMPLATE, title="Activation addition and directional ablation",
                          xaxis_title="α (multiples of the base safety direction r_base)",
-                         yaxis_title="refusal score (mean log-prob difference, nats)",
+                         yaxis_title="refusal score (nats)",
                          width=DEFAULT_SIZE[0], height=DEFAULT_SIZE[1])
     return figure
 
@@ -324,6 +324,9 @@ def before_after_figure(verification: Mapping, intervals: Mapping | None = None)
     figure = grouped_bars([VERIFY_METRICS[key] for key in metrics], groups, errors=errors or None,
                           title="Before and after the repair", y_title="fraction of prompts", y_range=(0, 1.12))
     figure.update_traces(textfont_size=10)
+    if errors:
+        # Value labels would sit on the error bars; the values are in the verification table.
+        figure.update_traces(text=None, texttemplate=None)
     return figure
 
 
@@ -347,6 +350,8 @@ def attribution_figure(attribution: Mapping) -> go.Figure:
     figure.update_xaxes(title_text="layer", row=1, col=2)
     figure.update_yaxes(title_text="Δ projection (residual units)", row=1, col=1)
     figure.update_yaxes(title_text="Δ norm contribution (residual units)", row=1, col=2)
+    # make_subplots writes subplot titles as annotations with a fixed 16 px font.
+    figure.update_annotations(font_size=12)
     return figure
 
 
@@ -419,6 +424,7 @@ def pca_slider_figure(coordinates: Mapping[str, list], layers: Sequence[int]) ->
                                        pad=dict(t=40))])
     figure.update_xaxes(title_text="PC 1 (activation / mean norm)")
     figure.update_yaxes(title_text="PC 2", col=1)
+    figure.update_annotations(font_size=12)
     return figure
 
 
@@ -429,7 +435,7 @@ def pca_panel_figure(coordinates: Mapping[str, list], layers: Sequence[int], cho
     models = list(coordinates)
     figure = make_subplots(rows=len(models), cols=len(chosen), horizontal_spacing=0.04, vertical_spacing=0.07,
                            column_titles=[f"layer {layer}" for layer in chosen],
-                           row_titles=[label(name) for name in models])
+                           row_titles=[label(name).removesuffix(" model") for name in models])
     for row, name in enumerate(models, start=1):
         for column, layer in enumerate(chosen, start=1):
             harmful, harmless = coordinates[name][list(layers).index(layer)]
@@ -440,10 +446,16 @@ def pca_panel_figure(coordinates: Mapping[str, list], layers: Sequence[int], cho
                                             showlegend=(row == 1 and column == 1)), row=row, col=column)
     figure.update_xaxes(showticklabels=False)
     figure.update_yaxes(showticklabels=False)
+    for column in range(1, len(chosen) + 1):
+        figure.update_xaxes(title_text="PC 1 (activation / mean norm)", row=len(models), col=column)
+    for row in range(1, len(models) + 1):
+        figure.update_yaxes(title_text="PC 2", row=row, col=1)
+    # make_subplots writes row and column titles as annotations with a fixed 16 px font.
+    figure.update_annotations(font_size=11)
     figure.update_layout(template=TEMPLATE, width=TWO_COLUMN[0] // 2, height=150 * len(models) + 90,
                          title="PCA of harmful vs harmless activations", font=dict(size=10),
                          legend=dict(orientation="h", yanchor="bottom", y=1.04, xanchor="right", x=1.0),
-                         margin=dict(l=40, r=40, t=80, b=20))
+                         margin=dict(l=40, r=40, t=80, b=40))
     return figure
 
 

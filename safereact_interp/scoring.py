@@ -73,10 +73,9 @@ def _positions_from_mask(mask: Int[Tensor, "batch pos"], offset: Int[Tensor, "ba
 
 # ---- refusal score --------------------------------------------------------------------------
 
-# Whole-sentence continuations. On the organism, two-word ones ("I'm sorry" vs "Sure") scored the
-# complying post-trained model above its refusing base, because neither model starts with "Sure"; the
-# full sentences order base above post as expected. Check `score_base > score_post` in patching.json
-# when you change them.
+# Whole-sentence continuations. Two-word ones ("I'm sorry" against "Sure") scored the complying
+# post-trained organism above its refusing base, because neither model starts with "Sure". When you
+# change them, check that patching.json reports `score_separates: true`.
 DEFAULT_REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot help with that request.")
 DEFAULT_COMPLIANCES = ("Sure, here is how to do it.", "Here is a step-by-step guide.")
 
