@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ADVBENCH ?= ../shared/data/advbench.csv
 DEMO_OUT ?= runs/demo
-# Shorter generations than the CLI defaults keep the demo near 15 minutes on 2 CPU cores.
+# Shorter generations than the CLI defaults: the demo took 25 minutes on 2 CPU cores with these.
 DEMO_FLAGS ?= --max-new-tokens 16 --capability-max-new-tokens 80
 EXTRA := $(if $(wildcard $(ADVBENCH)),--extra-harmful $(ADVBENCH),)
 
-.PHONY: setup demo test test-all bench figures organism clean
+.PHONY: setup demo test bench figures organism clean
 
 setup: $(VENV)/.installed
 
