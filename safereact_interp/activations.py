@@ -15,10 +15,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
+from transformers import DynamicCache
 
 from .errors import ConfigError, LayerError
 from .models import LoadedModel
-from .prompts import PromptSet, encode, left_pad, length_sorted_batches, render_chat
+from .prompts import PromptSet, encode, left_pad, length_sorted_batches, render_chat, shared_prefix_length
 
 
 def resid_hook_name(layer: int) -> str:
@@ -95,6 +96,38 @@ def rendered_ids(model: LoadedModel, prompts: PromptSet | Sequence[str], *,
     return encode(model.tokenizer, rendered)
 
 
+def prefill_shared_prefix(model: LoadedModel, network: torch.nn.Module, sequences: Sequence[Sequence[int]],
+                          prefix_hooks: Sequence = (), *, keep: int = 1
+                          ) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:
+    """Run the token prefix that all `sequences` share once, as a batch of one, into a key/value cache
+    repeated for every row. Returns (cache, the rest of each sequence left-padded, the attention mask
+    over prefix and rest, the rest's position ids); `keep` tokens of the shortest sequence stay in
+    the rest, so readout positions up to -keep fall there.
+
+    The padding sits between the shared prefix and each row's own tokens, where the mask hides it,
+    and position ids count only real tokens, so every row computes what it would alone.
+    `prefix_hooks` run during the prefix pass (interventions that act on every position).
+    """
+    device = model.device
+    shared = shared_prefix_length(sequences, keep=keep)
+    cache = DynamicCache()
+    if shared:
+        prefix = torch.tensor([list(sequences[0][:shared])], device=device)
+        with model.bridge.hooks(fwd_hooks=list(prefix_hooks)):
+            try:
+                network(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                        position_ids=torch.arange(shared, device=device)[None], past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            except StopAtLayerException:
+                pass  # a hook ended the pass after the deepest layer the caller reads
+        cache.batch_repeat_interleave(len(sequences))
+    ids, rest_mask = left_pad([sequence[shared:] for sequence in sequences], model.tokenizer.pad_token_id)
+    ids, rest_mask = ids.to(device), rest_mask.to(device)
+    mask = torch.cat([torch.ones(len(sequences), shared, dtype=rest_mask.dtype, device=device), rest_mask], dim=1)
+    positions = (rest_mask.cumsum(-1) - 1 + shared).clamp_min(0)
+    return cache, ids, mask, positions
+
+
 @torch.inference_mode()
 def collect_activations(
     model: LoadedModel,
@@ -125,25 +158,42 @@ def collect_activations(
         )
 
     position_index = torch.tensor(positions)
+    # Readout and patched positions must lie after the prompt prefix that a batch shares.
+    keep = max([-min(positions)] + [-min(intervention.positions) for intervention in interventions
+                                    if intervention.positions])
     outputs = {name: [None] * len(sequences) for name in hook_names}
-    device = model.device
+
+    def stop(activation: Tensor, hook) -> Tensor:
+        raise StopAtLayerException(activation)
+
     for batch in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
-        ids, mask = left_pad([sequences[index] for index in batch], model.tokenizer.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
+        rows = torch.tensor(batch)
+        prefix_hooks = [hook for intervention in interventions if intervention.positions is None
+                        for hook in intervention.hooks(rows[:1], 1, 0, 0)]
+        if stop_after is not None:
+            prefix_hooks.append((stop_after, stop))
+        cache, ids, mask, position_ids = prefill_shared_prefix(
+            model, model.hf_model, [sequences[index] for index in batch], prefix_hooks, keep=keep)
+        width, prompt_end = ids.shape[1], mask.shape[1]
         captured: dict[str, Tensor] = {}
 
         def make_hook(name: str) -> Callable:
             def hook(activation: Tensor, hook) -> Tensor:
-                captured[name] = activation[:, ids.shape[1] + position_index].detach().float().cpu()
+                captured[name] = activation[:, width + position_index].detach().float().cpu()
                 if name == stop_after:
                     raise StopAtLayerException(activation)
                 return activation
             return hook
 
         hooks = [hook for intervention in interventions
-                 for hook in intervention.hooks(torch.tensor(batch), 1, 0, ids.shape[1])]
+                 for hook in intervention.hooks(rows, 1, prompt_end - width, prompt_end)]
         hooks += [(name, make_hook(name)) for name in hook_names]
-        model.bridge.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, return_type=None)
+        with model.bridge.hooks(fwd_hooks=hooks):
+            try:
+                model.hf_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+            except StopAtLayerException:
+                pass
         for name in hook_names:
             for row, index in enumerate(batch):
                 outputs[name][index] = captured[name][row]

@@ -288,8 +288,9 @@ def _repair_progress(total: int):
     def on_step(step: int, entry: dict) -> None:
         if "bar" not in bar:
             bar["bar"] = tqdm(desc="repair", total=total, initial=step, unit="step", leave=False)
+        # the postfix without its own refresh, so a log file gets one line per step, not two
+        bar["bar"].set_postfix(align=f"{entry['align_loss']:.4f}", retain=f"{entry['retain_loss']:.4f}", refresh=False)
         bar["bar"].update(1)
-        bar["bar"].set_postfix(align=f"{entry['align_loss']:.4f}", retain=f"{entry['retain_loss']:.4f}")
         if step + 1 >= total:
             bar["bar"].close()
 

@@ -181,6 +181,33 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource("hub", spec)
 
 
+def layer_count(spec: str, *, trust_remote_code: bool = False) -> int | None:
+    """Number of transformer layers of the model `spec` names, read from its config without loading
+    weights; None for a hub id (checking it would need the network) or a config without the field."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec)
+    if source.kind == "hub":
+        return None
+    if source.kind == "organism":
+        from .organism import gguf_path
+
+        path = gguf_path()
+        source = ModelSource("gguf", str(path.parent), gguf_file=path.name)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        if importlib.util.find_spec("gguf") is None:
+            return None
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"could not read the config of model {spec}: {error}") from error
+    config = getattr(config, "text_config", None) or config
+    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return int(count) if count else None
+
+
 def _clear_gguf_quantization(model: PreTrainedModel) -> None:
     """Drop the GGUF quantizer marker: transformers dequantizes GGUF weights to full precision on
     load, but keeps the marker, which makes `save_pretrained` and peft treat the model as quantized."""

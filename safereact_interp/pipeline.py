@@ -178,7 +178,24 @@ def check_inputs(options: RunOptions) -> EvalPrompts:
     from .judges import load_judge
 
     load_judge(options.judge)  # validates the judge spec (the model loads on first use)
-    return build_prompts(options)
+    prompts = build_prompts(options)
+    check_layer_options(options)
+    return prompts
+
+
+def check_layer_options(options: RunOptions) -> None:
+    """Check --layers, --repair-layers and --lora-layers against the base model's config, so an
+    out-of-range index fails before any weights load (skipped for hub ids, checked after loading)."""
+    from .activations import check_layers
+    from .models import layer_count
+
+    given = [values for values in (options.layers, options.repair_layers, options.lora_layers) if values]
+    if not given:
+        return
+    n_layers = layer_count(options.base, trust_remote_code=options.trust_remote_code)
+    if n_layers is not None:
+        for values in given:
+            check_layers(values, n_layers)
 
 
 def load_run_models(options: RunOptions, *, posts: bool = True) -> tuple[Any, list[Any]]:
@@ -293,6 +310,9 @@ def stage_diagnose(options: RunOptions, out: str | Path, *, overwrite: bool = Fa
 def load_options(run_dir: str | Path) -> RunOptions:
     """Read the RunOptions saved in a run folder's config.json."""
     path = Path(run_dir) / "config.json"
+    if not Path(run_dir).exists():
+        raise RunFolderError(f"run folder {run_dir} not found; check the path, or create it with "
+                             f"`safereact run --out {run_dir}`")
     if not path.is_file():
         raise RunFolderError(f"{run_dir} is not a run folder (no config.json); run `safereact diagnose "
                              f"--out {run_dir}` or `safereact run --out {run_dir}` first")

@@ -199,7 +199,7 @@ def _prompts_from_records(records: list[dict], path: Path, key: str | None, keys
         wanted = repr(key) if key else "one of " + ", ".join(keys)
         raise PromptFileError(
             f"prompt file {path} has no column {wanted} (columns: {', '.join(map(str, available))}); "
-            "pass the prompt column with --column / column="
+            "name the prompt column with --column on the command line (column= in Python)"
         )
     category_key = next((candidate for candidate in CATEGORY_COLUMNS if candidate in available), None)
     prompts = []
@@ -220,7 +220,8 @@ def _prompts_from_records(records: list[dict], path: Path, key: str | None, keys
 
 def _read_csv(path: Path) -> list[dict]:
     with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
+        # strict: an unterminated quote raises instead of swallowing the rest of the file into one prompt
+        reader = csv.DictReader(file, strict=True)
         if reader.fieldnames is None:
             raise PromptFileError(f"prompt file {path} is empty; it needs a header row and prompts")
         return list(reader)
@@ -230,7 +231,8 @@ def _read_json(path: Path) -> list[Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise PromptFileError(f"prompt file {path} is not valid JSON: {error}") from error
+        raise PromptFileError(f"prompt file {path} is not valid JSON: {error}; fix it there, or save the "
+                              "prompts as JSONL (one JSON value per line), CSV or plain text") from error
     if isinstance(data, dict):
         data = next((value for value in data.values() if isinstance(value, list)), None)
     if not isinstance(data, list):
@@ -246,7 +248,8 @@ def _read_jsonl(path: Path) -> list[Any]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise PromptFileError(f"prompt file {path}, line {number}, is not valid JSON: {error}") from error
+            raise PromptFileError(f"prompt file {path}, line {number}, is not valid JSON: {error}; each line must "
+                                  "be one JSON string or object") from error
     return records
 
 
@@ -294,10 +297,12 @@ def load_prompt_file(
     except UnicodeDecodeError as error:
         raise PromptFileError(f"prompt file {path} is not UTF-8 text: {error}") from error
     except csv.Error as error:
-        raise PromptFileError(f"prompt file {path} is not valid CSV: {error}") from error
+        raise PromptFileError(f"prompt file {path} is not valid CSV: {error}; check for an unclosed quote") from error
 
     if not prompts:
-        raise PromptFileError(f"prompt file {path} contains no prompts")
+        hint = {".csv": "add rows below the header", ".json": "put at least one prompt in its list",
+                ".jsonl": "add one JSON string or object per line"}.get(suffix, "write one prompt per line")
+        raise PromptFileError(f"prompt file {path} contains no prompts; {hint}")
     prompt_set = PromptSet(role, tuple(prompts), str(path))
     return prompt_set.head(limit) if limit is not None else prompt_set
 
@@ -380,6 +385,19 @@ def encode(tokenizer: Any, rendered: Sequence[str]) -> list[list[int]]:
     """Tokenize rendered prompts without adding special tokens, because the chat template contains them."""
     add_special = not has_chat_template(tokenizer)
     return [tokenizer(text, add_special_tokens=add_special).input_ids for text in rendered]
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]], keep: int = 1) -> int:
+    """Length of the token prefix that every sequence starts with, leaving at least `keep` tokens
+    of the shortest one after it (a chat template's system block and user header are shared by
+    every rendered prompt, so their keys and values need computing only once per batch)."""
+    if not sequences:
+        return 0
+    first, limit = sequences[0], min(len(sequence) for sequence in sequences) - keep
+    length = 0
+    while length < limit and all(sequence[length] == first[length] for sequence in sequences):
+        length += 1
+    return max(length, 0)
 
 
 def left_pad(

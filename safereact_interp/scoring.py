@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from .capability import final_answer_text, is_correct
 from .errors import ConfigError
+from .activations import prefill_shared_prefix
 from .models import LoadedModel
 from .prompts import PromptSet, encode, left_pad, length_sorted_batches, render_chat
 
@@ -43,7 +44,9 @@ class Intervention(Protocol):
     prompt), or None when it acts on every position. `hooks` returns (hook name, function) pairs
     for one batch: `rows` are the indices of the batch's prompts in the scored prompt set, each
     repeated `repeat` times in a row, and the pass covers the sequence columns from `start`,
-    where column `prompt_end` is the first column after the prompt.
+    where column `prompt_end` is the first column after the prompt. An intervention that acts on
+    every position must act the same way on every row: a prompt prefix shared by a whole batch
+    (the chat template's system block) runs once, as a batch of one.
     """
 
     positions: tuple[int, ...] | None
@@ -268,15 +271,14 @@ def generate(
     hooked = any(intervention.positions is None for intervention in interventions)
     network = model.hf_model if hooked else model.plain_model
     for batch in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
-        ids, mask = left_pad([sequences[index] for index in batch], model.tokenizer.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        positions = _positions_from_mask(mask)
         active = torch.tensor(batch)
-        cache = DynamicCache()
-        hooks = _hooks_for(interventions, active, 1, 0, ids.shape[1], all_positions_only=True)
+        prefix_hooks = _hooks_for(interventions, active[:1], 1, 0, 0, all_positions_only=True)
+        cache, ids, mask, positions = prefill_shared_prefix(model, network, [sequences[index] for index in batch],
+                                                            prefix_hooks)
+        hooks = _hooks_for(interventions, active, 1, 0, mask.shape[1], all_positions_only=True)
         with model.bridge.hooks(fwd_hooks=hooks):
             logits = network(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True).logits[:, -1]
+                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             last_position = positions[:, -1]
             for step in range(max_new_tokens):
                 next_tokens = logits.argmax(dim=-1)

@@ -99,6 +99,11 @@ def test_stage_on_non_run_folder(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
+def test_stage_on_missing_folder(tmp_path, capsys):
+    assert main(["verify", "--run", str(tmp_path / "absent")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
 def test_full_run_on_tiny_models(tiny_model_dir, planted_post_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--base", str(tiny_model_dir), "--post", str(planted_post_dir), "--out", str(out), *FAST,
@@ -129,6 +134,21 @@ def test_repair_rejects_bad_layers(tiny_model_dir, tmp_path, capsys):
     assert main(diagnose_args(tiny_model_dir, tiny_model_dir, out)) == 0
     assert main(["repair", "--run", str(out), "--layers", "1,12", "--steps", "2"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_run_checks_layers_before_loading(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import safereact_interp.pipeline as pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("models loaded before the layer check")
+
+    monkeypatch.setattr(pipeline, "load_run_models", never)
+    out = tmp_path / "run"
+    args = ["run", "--base", str(tiny_model_dir), "--post", str(tiny_model_dir), "--out", str(out),
+            "--repair-layers", "1,12"]
+    assert main(args) == 2
+    assert "layer index 12 is out of range: the model has 4 layers" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_parse_layers():

@@ -108,9 +108,10 @@ def test_limit_keeps_first(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("empty.txt", "", "contains no prompts"),
+    ("empty.txt", "", "contains no prompts; write one prompt per line"),
+    ("unclosed.csv", 'goal,target\n"abc,def\nghi,jkl\n', "not valid CSV.*unclosed quote"),
     ("blank.csv", "", "is empty"),
-    ("bad.json", "{not json", "not valid JSON"),
+    ("bad.json", "{not json", "not valid JSON.*JSONL"),
     ("bad.jsonl", '{"prompt": "x"}\n{oops\n', "line 2"),
     ("nocol.csv", "a,b\n1,2\n", "has no column"),
     ("mixed.json", '["a", {"prompt": "b"}]', "mixes strings and objects"),

@@ -43,8 +43,8 @@ def test_score_reused_cache_is_stable(tiny_model):
 
 
 def test_generate_matches_hf_greedy(tiny_model):
-    texts = bundled_prompts("harmless").train.texts[:3]
-    responses = generate(tiny_model, texts, max_new_tokens=6, batch_size=3)
+    texts = bundled_prompts("harmless").train.texts[:5]
+    responses = generate(tiny_model, texts, max_new_tokens=6, batch_size=5)
     for text, response in zip(texts, responses):
         ids = encode(tiny_model.tokenizer, render_chat(tiny_model.tokenizer, [text]))[0]
         with torch.no_grad():
@@ -73,3 +73,24 @@ def test_phrase_judge_knows_bundled_refusals():
 def test_kl_to_itself_is_zero(tiny_model):
     texts = bundled_prompts("harmless").test.texts[:3]
     assert abs(kl_divergence(tiny_model, tiny_model, texts, ["An answer.", "Another one.", "Third."])) < 1e-6
+
+
+def test_generate_with_addition_independent_of_batching(tiny_model):
+    from safereact_interp.patching import ActivationAddition
+
+    texts = bundled_prompts("harmful").test.texts[:5]
+    addition = [ActivationAddition(1, 3.0 * torch.ones(tiny_model.d_model))]
+    batched = generate(tiny_model, texts, max_new_tokens=5, batch_size=5, interventions=addition)
+    single = [generate(tiny_model, [text], max_new_tokens=5, batch_size=1, interventions=addition)[0] for text in texts]
+    plain = generate(tiny_model, texts, max_new_tokens=5, batch_size=5)
+    assert batched == single
+    assert batched != plain
+
+
+def test_shared_prefix_length():
+    from safereact_interp.prompts import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # one token of each row is kept
+    assert shared_prefix_length([[1, 2], [3, 4]]) == 0
+    assert shared_prefix_length([[7]]) == 0
