@@ -576,9 +576,11 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
             interventions=[addition], judge=judge, kl_prompts=options.kl_prompts, progress=progress)
         baselines_info["activation_addition"] = {"layer": layer, "alpha": alpha}
         config = repair_config(options, layers)
-        refusal_lora, seconds = train_refusal_lora(options.posts[0], prompts.harmful_train, config,
-                                                   post_adapter=options.post_adapter, load_options=load_options_,
-                                                   system_prompt=options.system_prompt)
+        with progress("refusal-LoRA baseline training", config.steps) as advance:
+            refusal_lora, seconds = train_refusal_lora(options.posts[0], prompts.harmful_train, config,
+                                                       post_adapter=options.post_adapter, load_options=load_options_,
+                                                       system_prompt=options.system_prompt,
+                                                       on_step=lambda step, loss: advance(1))
         evaluations["refusal_lora"] = evaluate_with_kl(refusal_lora, post, prompts, sets, generation,
                                                        post_evaluation, name="refusal_lora", judge=judge,
                                                        kl_prompts=options.kl_prompts, progress=progress)

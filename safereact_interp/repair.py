@@ -38,7 +38,8 @@ from .directions import Directions
 from .errors import ConfigError, RunFolderError
 from .models import LoadedModel, load_unwrapped, wrap_model
 from .prompts import PromptSet, left_pad
-from .training import LoraSettings, add_lora, count_parameters, lora_parameters, save_adapter
+from .training import (LoraSettings, shortcut_matches, add_lora, count_parameters, lora_parameters,
+                       pad_hidden, save_adapter, start_at_layer)
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ class RepairTargets:
     base_norm: Float[Tensor, "layer"]
     post_norm: Float[Tensor, "layer"]
     units: Float[Tensor, "layer d_model"] | None = None
+    # hidden state entering the first adapter layer at every token (None: full passes)
+    harmful_hidden: list[Float[Tensor, "seq d_model"]] | None = None
+    retain_hidden: list[Float[Tensor, "seq d_model"]] | None = None
 
 
 @dataclass
@@ -172,37 +176,64 @@ def _capture_layers(model: LoadedModel, ids: Tensor, mask: Tensor, layers: Seque
     return captured, (logits if need_logits else None)
 
 
+def _forward(model: LoadedModel, ids: Tensor, mask: Tensor, layers: Sequence[int],
+             hidden: list[Tensor] | None, rows: list[int], first: int, *, need_logits: bool = False
+             ) -> tuple[dict[int, Tensor], Tensor | None]:
+    """`_capture_layers`, starting at block `first` from stored hidden states when `hidden` is given."""
+    if hidden is None:
+        return _capture_layers(model, ids, mask, layers, need_logits=need_logits)
+    entering = pad_hidden([hidden[index] for index in rows], ids.shape[1]).to(ids.device)
+    with start_at_layer(model.hf_model, first, entering):
+        return _capture_layers(model, ids, mask, layers, need_logits=need_logits)
+
+
+def _post_passes(post: LoadedModel, sequences: list[list[int]], layers: Sequence[int], first: int,
+                 batch_size: int) -> tuple[list[Tensor], list[Tensor] | None]:
+    """One pass of the post-trained model over each sequence: its activations at `layers` (every
+    token, [seq, layer, d]) and, when `first` > 0, the hidden state entering block `first`."""
+    captured_layers = sorted(set(layers) | ({first - 1} if first > 0 else set()))
+    activations, entering = [], [] if first > 0 else None
+    with torch.inference_mode():
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start:start + batch_size]
+            ids, mask = left_pad(chunk, post.tokenizer.pad_token_id)
+            captured, _ = _capture_layers(post, ids.to(post.device), mask.to(post.device), captured_layers)
+            for row, sequence in enumerate(chunk):
+                columns = slice(ids.shape[1] - len(sequence), None)
+                activations.append(torch.stack([captured[layer][row, columns] for layer in layers], dim=1).float().cpu())
+                if entering is not None:
+                    entering.append(captured[first - 1][row, columns].clone())
+    return activations, entering
+
+
 def prepare_targets(base: LoadedModel, post: LoadedModel, harmful: PromptSet, retain: PromptSet,
                     config: RepairConfig, positions: tuple[int, ...], *, system_prompt: str | None = None,
                     base_directions: Directions | None = None, batch_size: int = 16) -> RepairTargets:
-    """Base activations on harmful prompts, post-trained activations on retain prompts, and norms."""
+    """Base activations on harmful prompts, post-trained activations on retain prompts, and norms;
+    also the post-trained model's hidden states entering the first adapter layer, from which
+    training starts (the blocks below it carry no adapter)."""
     layers = config.layers
+    first = min(config.adapter_layers)
     base_acts = collect_residuals(base, harmful, layers, positions=positions, batch_size=batch_size,
                                   system_prompt=system_prompt)
-    post_acts = collect_residuals(post, harmful, layers, positions=positions, batch_size=batch_size,
-                                  system_prompt=system_prompt)
+    harmful_ids = rendered_ids(post, harmful, system_prompt=system_prompt)
+    post_harmful, harmful_hidden = _post_passes(post, harmful_ids, layers, first, batch_size)
+    readout = torch.tensor(positions)
+    post_at_positions = torch.stack([values[readout] for values in post_harmful])  # [prompt, position, layer, d]
     base_norm = base_acts.values.norm(dim=-1).mean(dim=(0, 2))
-    post_norm = post_acts.values.norm(dim=-1).mean(dim=(0, 2))
+    post_norm = post_at_positions.norm(dim=-1).mean(dim=(0, 1))
 
     retain_ids = rendered_ids(post, retain, system_prompt=system_prompt)
-    post_retain = []
-    with torch.inference_mode():
-        for start in range(0, len(retain_ids), batch_size):
-            chunk = retain_ids[start:start + batch_size]
-            ids, mask = left_pad(chunk, post.tokenizer.pad_token_id)
-            captured, _ = _capture_layers(post, ids.to(post.device), mask.to(post.device), layers)
-            for row, sequence in enumerate(chunk):
-                stacked = torch.stack([captured[layer][row, ids.shape[1] - len(sequence):] for layer in layers], dim=1)
-                post_retain.append(stacked.float().cpu().clone())
+    post_retain, retain_hidden = _post_passes(post, retain_ids, layers, first, batch_size)
 
     units = None
     if config.mode == "direction":
         if base_directions is None:
             raise ConfigError("the direction mode needs the base model's safety directions")
         units = torch.stack([base_directions.unit_at(layer) for layer in layers])
-    return RepairTargets(harmful_ids=rendered_ids(post, harmful, system_prompt=system_prompt),
-                         retain_ids=retain_ids, base_harmful=base_acts.values, post_retain=post_retain,
-                         base_norm=base_norm, post_norm=post_norm, units=units)
+    return RepairTargets(harmful_ids=harmful_ids, retain_ids=retain_ids, base_harmful=base_acts.values,
+                         post_retain=post_retain, base_norm=base_norm, post_norm=post_norm, units=units,
+                         harmful_hidden=harmful_hidden, retain_hidden=retain_hidden)
 
 
 def alignment_loss(current: dict[int, Tensor], rows: list[int], width: int, targets: RepairTargets,
@@ -339,6 +370,8 @@ def repair(
 
     need_logits = config.kl_weight > 0
     pad_id = tokenizer.pad_token_id
+    first = min(config.adapter_layers)
+    shortcut = targets.harmful_hidden is not None
     device = model.device
     started = time.perf_counter()
     model.hf_model.train()
@@ -351,14 +384,22 @@ def repair(
 
             rows = batch_indices(len(targets.harmful_ids), config.batch_size, step, config.seed)
             ids, mask = left_pad([targets.harmful_ids[index] for index in rows], pad_id)
-            current, _ = _capture_layers(model, ids.to(device), mask.to(device), layers)
+            ids, mask = ids.to(device), mask.to(device)
+            if step == start_step and shortcut and not shortcut_matches(
+                    lambda short: _forward(model, ids, mask, layers, targets.harmful_hidden if short else None, rows, first),
+                    lambda result: [result[0][layer][mask.bool()] for layer in layers]):
+                logger.info("starting at block %d does not reproduce the full pass of this model; training "
+                            "with full passes", first)
+                shortcut = False
+            current, _ = _forward(model, ids, mask, layers, targets.harmful_hidden if shortcut else None, rows, first)
             align = alignment_loss(current, rows, ids.shape[1], targets, config, positions)
 
             retain_rows = batch_indices(len(targets.retain_ids), config.batch_size, step, config.seed + 1)
             sequences = [targets.retain_ids[index] for index in retain_rows]
             ids, mask = left_pad(sequences, pad_id)
             ids, mask = ids.to(device), mask.to(device)
-            current, logits = _capture_layers(model, ids, mask, layers, need_logits=need_logits)
+            current, logits = _forward(model, ids, mask, layers, targets.retain_hidden if shortcut else None,
+                                       retain_rows, first, need_logits=need_logits)
             keep = retain_loss(current, retain_rows, sequences, ids.shape[1], targets, config)
             loss = config.align_weight * align + config.retain_weight * keep
             kl_value = 0.0

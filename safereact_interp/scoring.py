@@ -127,6 +127,9 @@ class RefusalScorer:
         prefix = tokenizer(config.response_prefix, add_special_tokens=False).input_ids if config.response_prefix else []
         continuations = list(config.refusals) + list(config.compliances)
         self.continuations = [prefix + tokenizer(text, add_special_tokens=False).input_ids for text in continuations]
+        empty = [text for text in continuations if not tokenizer(text, add_special_tokens=False).input_ids]
+        if empty:
+            raise ConfigError(f"refusal-score continuations {empty} have no tokens; give each some text")
         self.prefix_length = len(prefix)
         self.longest_scored = max(len(continuation) for continuation in self.continuations) - self.prefix_length
         self.n_refusals = len(config.refusals)
@@ -167,55 +170,70 @@ class RefusalScorer:
 
     @torch.inference_mode()
     def score(self, interventions: Sequence[Intervention] = ()) -> Float[Tensor, "prompt"]:
-        """Refusal score of every prompt under the given interventions."""
+        """Refusal score of every prompt under the given interventions.
+
+        Per batch: the cached context, then the tail and the response prefix once per prompt (the
+        part every continuation shares, where position-specific interventions act), then each
+        continuation from a copy of that cache.
+        """
         self.check_tail(interventions)
         scores = torch.zeros(len(self.sequences))
         n_continuations = len(self.continuations)
         pad_id = self.model.tokenizer.pad_token_id
         device = self.model.device
+        scored = [continuation[self.prefix_length:] for continuation in self.continuations]
+        prefix = self.continuations[0][:self.prefix_length]
         for batch_index, batch in enumerate(self.batches):
             cache, context_mask, context_positions = self._context(batch_index, interventions)
-            cache.batch_repeat_interleave(n_continuations)
-            width = context_mask.shape[1] + self.tail
-
-            # Rows: each prompt's tail followed by each continuation, right-padded.
-            tails = [self.sequences[index][-self.tail:] for index in batch]
-            longest = max(len(continuation) for continuation in self.continuations)
-            rows_ids = torch.full((len(batch) * n_continuations, self.tail + longest), pad_id, dtype=torch.long)
-            rows_mask = torch.zeros_like(rows_ids)
-            for row, tail in enumerate(tails):
-                for index, continuation in enumerate(self.continuations):
-                    tokens = tail + continuation
-                    rows_ids[row * n_continuations + index, :len(tokens)] = torch.tensor(tokens)
-                    rows_mask[row * n_continuations + index, :len(tokens)] = 1
-            rows_ids, rows_mask = rows_ids.to(device), rows_mask.to(device)
-            context_mask_rep = context_mask.repeat_interleave(n_continuations, dim=0)
-            offset = context_mask_rep.sum(-1)
-            positions = _positions_from_mask(rows_mask, offset)
-            full_mask = torch.cat([context_mask_rep, rows_mask], dim=1)
-
             rows = torch.tensor(batch)
-            hooks = _hooks_for(interventions, rows, n_continuations, context_mask.shape[1], width)
-            # Continuation token t sits at column tail + prefix + t and is predicted from the column
-            # before it, so only those columns need logits.
-            first = self.tail + self.prefix_length - 1
-            kept = torch.arange(first, first + self.longest_scored, device=device)
+            width = context_mask.shape[1] + self.tail
+            offset = context_mask.sum(-1)
+
+            # The tail and the response prefix: the same tokens before every continuation.
+            shared_ids = torch.tensor([self.sequences[index][-self.tail:] + prefix for index in batch], device=device)
+            shared_mask = torch.cat([context_mask, torch.ones_like(shared_ids)], dim=1)
+            positions = offset[:, None] + torch.arange(shared_ids.shape[1], device=device)[None]
+            hooks = _hooks_for(interventions, rows, 1, context_mask.shape[1], width)
             network = self.model.hf_model if hooks else self.model.plain_model
             with self.model.bridge.hooks(fwd_hooks=hooks):
-                logits = network(input_ids=rows_ids, attention_mask=full_mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=kept).logits
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
+                first_logits = network(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions,
+                                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            first_log_probs = torch.log_softmax(first_logits.float(), dim=-1)
+
+            # Each continuation's tokens after its first, fed to predict the next ones.
+            longest = max(len(tokens) for tokens in scored)
+            rest_log_probs = None
+            if longest > 1:
+                cache.batch_repeat_interleave(n_continuations)
+                rest_ids = torch.full((len(batch) * n_continuations, longest - 1), pad_id, dtype=torch.long)
+                rest_mask = torch.zeros_like(rest_ids)
+                for index, tokens in enumerate(scored):
+                    if len(tokens) > 1:
+                        rest_ids[index::n_continuations, :len(tokens) - 1] = torch.tensor(tokens[:-1])
+                        rest_mask[index::n_continuations, :len(tokens) - 1] = 1
+                rest_ids, rest_mask = rest_ids.to(device), rest_mask.to(device)
+                full_mask = torch.cat([shared_mask.repeat_interleave(n_continuations, dim=0), rest_mask], dim=1)
+                start = (offset + shared_ids.shape[1]).repeat_interleave(n_continuations)
+                positions = start[:, None] + torch.arange(longest - 1, device=device)[None]
+                hooks = _hooks_for(interventions, rows, n_continuations, shared_mask.shape[1], width,
+                                   all_positions_only=True)
+                network = self.model.hf_model if hooks else self.model.plain_model
+                with self.model.bridge.hooks(fwd_hooks=hooks):
+                    logits = network(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions,
+                                     past_key_values=cache, use_cache=True).logits
+                rest_log_probs = torch.log_softmax(logits.float(), dim=-1)
 
             per_continuation = torch.zeros(len(batch), n_continuations)
-            for index, continuation in enumerate(self.continuations):
-                scored = continuation[self.prefix_length:]
-                targets = torch.tensor(scored, device=device)
-                picked = log_probs[index::n_continuations][:, :len(scored)].gather(
-                    -1, targets[None, :, None].expand(len(batch), -1, 1)).squeeze(-1)
-                per_continuation[:, index] = picked.mean(dim=-1).cpu()
+            for index, tokens in enumerate(scored):
+                targets = torch.tensor(tokens, device=device)
+                picked = [first_log_probs.gather(-1, targets[:1].expand(len(batch))[:, None])]
+                if len(tokens) > 1:
+                    picked.append(rest_log_probs[index::n_continuations][:, :len(tokens) - 1].gather(
+                        -1, targets[None, 1:, None].expand(len(batch), -1, 1)).squeeze(-1))
+                per_continuation[:, index] = torch.cat(picked, dim=1).mean(dim=-1).cpu()
             refusal = per_continuation[:, :self.n_refusals].mean(dim=-1)
             compliance = per_continuation[:, self.n_refusals:].mean(dim=-1)
-            scores[torch.tensor(batch)] = refusal - compliance
+            scores[rows] = refusal - compliance
         return scores
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -127,6 +128,119 @@ def count_parameters(model: torch.nn.Module, parameters: dict[str, torch.nn.Para
     return trainable, total - trainable
 
 
+# ---- frozen bottom layers ---------------------------------------------------------------------
+#
+# LoRA on layers first..last leaves every layer below `first` frozen and adapter-free, so for a
+# fixed training sequence its hidden state entering layer `first` never changes. Training computes
+# it once per sequence and then starts each forward pass at layer `first`: the embedding's output is
+# replaced by the stored hidden state and the layers below pass it through. A model for which this
+# shortcut does not reproduce the full pass (an architecture that rescales the embedding inside its
+# forward, say) is detected on the first batch and trained with full passes instead.
+
+class _StopForward(Exception):
+    pass
+
+
+def _original(module: torch.nn.Module) -> torch.nn.Module:
+    """The HF module under any TransformerBridge wrappers."""
+    while module._modules.get("_original_component") is not None:
+        module = module._modules["_original_component"]
+    return module
+
+
+def decoder_layers(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a HF causal LM (under peft and bridge wrappers), in order."""
+    config = getattr(hf_model, "config", None)
+    count = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", None)
+    lists = [module for module in hf_model.modules()
+             if isinstance(module, torch.nn.ModuleList) and (count is None or len(module) == count)]
+    if not lists:
+        raise ConfigError(f"cannot find the transformer blocks of {type(hf_model).__name__}")
+    return [_original(layer) for layer in max(lists, key=len)]
+
+
+def _layer_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def hidden_entering(hf_model: torch.nn.Module, sequences: Sequence[Sequence[int]], layer: int, *,
+                    pad_id: int, batch_size: int = 16, left: bool = True) -> list[torch.Tensor]:
+    """Hidden state entering block `layer` (after block `layer - 1`) at every token of each sequence,
+    from passes that stop there; padded like training (`left`) and returned without the padding."""
+    blocks = decoder_layers(hf_model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def stop(module, args, output):
+        captured["hidden"] = _layer_output(output)
+        raise _StopForward
+
+    device = next(hf_model.parameters()).device
+    handle = blocks[layer - 1].register_forward_hook(stop)
+    results: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(sequences), batch_size):
+            chunk = [list(sequence) for sequence in sequences[start:start + batch_size]]
+            ids, mask = _pad(chunk, pad_id, left)
+            try:
+                hf_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            hidden = captured.pop("hidden").detach()
+            for row, sequence in enumerate(chunk):
+                columns = slice(ids.shape[1] - len(sequence), None) if left else slice(0, len(sequence))
+                results.append(hidden[row, columns].clone())
+    finally:
+        handle.remove()
+    return results
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[row, columns] = torch.tensor(list(sequence), dtype=torch.long)
+        mask[row, columns] = 1
+    return ids, mask
+
+
+def pad_hidden(hidden: Sequence[torch.Tensor], width: int, left: bool = True) -> torch.Tensor:
+    """Stack per-sequence hidden states into a [batch, width, d] tensor padded like the token ids."""
+    batch = torch.zeros(len(hidden), width, hidden[0].shape[-1], dtype=hidden[0].dtype, device=hidden[0].device)
+    for row, values in enumerate(hidden):
+        columns = slice(width - len(values), width) if left else slice(0, len(values))
+        batch[row, columns] = values
+    return batch
+
+
+@contextmanager
+def start_at_layer(hf_model: torch.nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the block, a forward pass of `hf_model` takes `hidden` [batch, width, d] as the input of
+    block `layer`: the embedding output is replaced by it and the blocks below pass it through."""
+    blocks = decoder_layers(hf_model)
+    embedding = _original(hf_model.get_input_embeddings())
+
+    def replace(module, args, output):
+        if output.shape[:2] != hidden.shape[:2]:
+            raise ConfigError(f"stored hidden states {tuple(hidden.shape)} do not fit the batch {tuple(output.shape)}")
+        return hidden.to(output.dtype)
+
+    def passthrough(*args, **kwargs):
+        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    handle = embedding.register_forward_hook(replace)
+    for block in blocks[:layer]:
+        block.forward = passthrough
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block in blocks[:layer]:
+            del block.forward
+
+
 # ---- supervised fine-tuning on (prompt, response) pairs ----------------------------------------
 
 @dataclass(frozen=True)
@@ -177,11 +291,13 @@ def collate_right_padded(items: Sequence[tuple[list[int], list[int]]], pad_id: i
 
 def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: int, batch_size: int = 8,
               learning_rate: float = 5e-4, seed: int = 0, system_prompt: str | None = None,
-              on_step: Callable[[int, float], None] | None = None) -> SFTResult:
+              on_step: Callable[[int, float], None] | None = None, frozen_below: int = 0) -> SFTResult:
     """Fine-tune the LoRA weights with cross-entropy on the response tokens.
 
     Batches are drawn by a seeded shuffle that cycles through the examples; the learning rate
-    decays linearly to zero over `steps`.
+    decays linearly to zero over `steps`. `frozen_below` > 0 says that the blocks below it carry no
+    adapter: their output is computed once per example and each step starts there (see
+    `start_at_layer`).
     """
     import time
 
@@ -198,16 +314,33 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     result = SFTResult()
     device = next(peft_model.parameters()).device
     start = time.perf_counter()
+    hidden = None
+    if frozen_below > 0:
+        hidden = hidden_entering(peft_model, [ids for ids, _ in items], frozen_below, pad_id=tokenizer.pad_token_id,
+                                 left=False)
     peft_model.train()
     for step in range(steps):
         if len(order) < batch_size:
             shuffled = list(range(len(items)))
             rng.shuffle(shuffled)
             order.extend(shuffled)
-        batch = [items[index] for index in order[:batch_size]]
+        rows = order[:batch_size]
+        batch = [items[index] for index in rows]
         del order[:batch_size]
         input_ids, mask, labels = (tensor.to(device) for tensor in collate_right_padded(batch, tokenizer.pad_token_id))
-        loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+
+        def forward(shortcut: bool):
+            if not shortcut:
+                return peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            with start_at_layer(peft_model, frozen_below, pad_hidden([hidden[index] for index in rows],
+                                                                     input_ids.shape[1], left=False)):
+                return peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+
+        if hidden is not None and step == 0 and not shortcut_matches(forward, lambda value: value):
+            logger.info("starting at block %d does not reproduce the full pass of this model; training "
+                        "with full passes", frozen_below)
+            hidden = None
+        loss = forward(hidden is not None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -219,3 +352,19 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     peft_model.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def shortcut_matches(forward: Callable[[bool], object], values: Callable[[object], object], tolerance: float = 1e-4) -> bool:
+    """Whether `forward(True)` (the shortcut) gives the values of `forward(False)` (the full pass)."""
+    with torch.no_grad():
+        try:
+            full, shortcut = values(forward(False)), values(forward(True))
+        except Exception as error:  # an architecture whose blocks do not pass through: no shortcut
+            logger.debug("the shortcut pass failed: %s", error)
+            return False
+    pairs = zip(full, shortcut) if isinstance(full, (list, tuple)) else [(full, shortcut)]
+    for one, two in pairs:
+        one, two = one.float(), two.float()
+        if one.shape != two.shape or not torch.allclose(one, two, atol=tolerance, rtol=tolerance):
+            return False
+    return True

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -82,9 +82,10 @@ def table_row(evaluation: ModelEvaluation, advbench: str | None = "advbench") ->
 
 
 def train_refusal_lora(post_spec: str, harmful: PromptSet, config: RepairConfig, *, post_adapter: str | None = None,
-                       load_options: dict | None = None, system_prompt: str | None = None) -> tuple[LoadedModel, float]:
+                       load_options: dict | None = None, system_prompt: str | None = None,
+                       on_step: Callable[[int, float], None] | None = None) -> tuple[LoadedModel, float]:
     """Baseline (ii): LoRA fine-tuning on harmful prompt -> refusal text, with the repair's rank,
-    LoRA layers, steps, batch size and learning rate."""
+    LoRA layers, steps, batch size and learning rate. `on_step(step, loss)` follows the training."""
     hf_model, tokenizer = load_unwrapped(post_spec, adapter=post_adapter, **(load_options or {}))
     peft_model = add_lora(hf_model, config.lora(), seed=config.seed)
     rng = random.Random(config.seed)
@@ -92,7 +93,8 @@ def train_refusal_lora(post_spec: str, harmful: PromptSet, config: RepairConfig,
     examples = [SFTExample(prompt.text, rng.choice(refusals)) for prompt in harmful]
     start = time.perf_counter()
     train_sft(peft_model, tokenizer, examples, steps=config.steps, batch_size=config.batch_size,
-              learning_rate=config.learning_rate, seed=config.seed, system_prompt=system_prompt)
+              learning_rate=config.learning_rate, seed=config.seed, system_prompt=system_prompt,
+              on_step=on_step, frozen_below=min(config.adapter_layers))
     seconds = time.perf_counter() - start
     model = wrap_model(peft_model.base_model.model, tokenizer, name="refusal_lora", spec=post_spec)
     return model, seconds

@@ -100,3 +100,61 @@ def test_batches_deterministic_and_cover_all():
     seen = [index for step in range(5) for index in batch_indices(10, 4, step, seed=3)]
     assert seen == [index for step in range(5) for index in batch_indices(10, 4, step, seed=3)]
     assert sorted(seen[:10]) == list(range(10))
+
+
+def test_start_at_layer_reproduces_full_pass(planted_pair, repair_inputs):
+    from safereact_interp.activations import rendered_ids
+    from safereact_interp.prompts import left_pad
+    from safereact_interp.training import hidden_entering, pad_hidden, start_at_layer
+
+    post = planted_pair.post
+    sequences = rendered_ids(post, repair_inputs[0])[:4]
+    hidden = hidden_entering(post.hf_model, sequences, 2, pad_id=post.tokenizer.pad_token_id)
+    ids, mask = left_pad(sequences, post.tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = post.hf_model(input_ids=ids, attention_mask=mask).logits
+        with start_at_layer(post.hf_model, 2, pad_hidden(hidden, ids.shape[1])):
+            short = post.hf_model(input_ids=ids, attention_mask=mask).logits
+        after = post.hf_model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(short[real], full[real], atol=1e-5)
+    assert torch.equal(after, full)  # the blocks are restored on leaving
+
+
+def test_repair_starts_at_first_adapter_layer(planted_pair, planted_post_dir, repair_inputs, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="safereact_interp"):
+        result = run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "r", config={"steps": 2})
+    assert len(result.log) == 2
+    assert "does not reproduce the full pass" not in caplog.text
+
+
+def test_shortcut_mismatch_falls_back_to_full_passes():
+    from safereact_interp.training import shortcut_matches
+
+    assert shortcut_matches(lambda short: torch.ones(3), lambda value: value)
+    assert not shortcut_matches(lambda short: torch.ones(3) * (2 if short else 1), lambda value: value)
+
+    def broken(short):
+        if short:
+            raise RuntimeError("blocks do not pass through")
+        return torch.ones(3)
+
+    assert not shortcut_matches(broken, lambda value: value)
+
+
+def test_sft_from_stored_hidden_states_matches_full_passes(planted_post_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safereact_interp.models import prepare_tokenizer
+    from safereact_interp.training import SFTExample, train_sft
+
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(planted_post_dir))
+    examples = [SFTExample(text, "I cannot help with that.") for text in bundled_prompts("harmful").train.texts[:6]]
+    losses = {}
+    for frozen in (0, 2):
+        model = add_lora(AutoModelForCausalLM.from_pretrained(planted_post_dir), LoraSettings(rank=4, layers=(2, 3)))
+        losses[frozen] = train_sft(model, tokenizer, examples, steps=4, batch_size=3, learning_rate=1e-2,
+                                   frozen_below=frozen).losses
+    assert losses[0] == pytest.approx(losses[2], abs=1e-4)

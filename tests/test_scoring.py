@@ -8,6 +8,8 @@ from safereact_interp.scoring import (RefusalPhraseJudge, RefusalScoreConfig, Re
 def full_pass_score(model, text, config):
     """The refusal score of one prompt computed directly, without batching or caching."""
     prompt_ids = encode(model.tokenizer, render_chat(model.tokenizer, [text]))[0]
+    if config.response_prefix:
+        prompt_ids = prompt_ids + model.tokenizer(config.response_prefix, add_special_tokens=False).input_ids
 
     def mean_log_prob(continuation):
         ids = model.tokenizer(continuation, add_special_tokens=False).input_ids
@@ -28,6 +30,24 @@ def test_cached_score_matches_full_pass(tiny_model):
     scores = RefusalScorer(tiny_model, texts, config=config, batch_size=3, tail=4).score()
     for index, text in enumerate(texts):
         assert abs(scores[index] - full_pass_score(tiny_model, text, config)) < 1e-4
+
+
+def test_cached_score_with_prefix_and_one_token_continuation(tiny_model):
+    texts = bundled_prompts("harmless").train.texts[:4]
+    config = RefusalScoreConfig(refusals=("I cannot help with that.", "No"), compliances=("Sure",),
+                                response_prefix="<think>\n")
+    scores = RefusalScorer(tiny_model, texts, config=config, batch_size=3, tail=3).score()
+    for index, text in enumerate(texts):
+        assert abs(scores[index] - full_pass_score(tiny_model, text, config)) < 1e-4
+
+
+def test_empty_continuation_rejected(tiny_model):
+    import pytest
+
+    from safereact_interp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="have no tokens"):
+        RefusalScorer(tiny_model, ["a prompt"], config=RefusalScoreConfig(refusals=("",)))
 
 
 def test_score_independent_of_batching(tiny_model):
