@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .activations import check_layers, check_positions, collect_activations
 from .directions import Directions
-from .models import LoadedModel, ModelPair
+from .models import LoadedModel, ModelPair, eager_attention
 from .prompts import PromptSet
 
 
@@ -72,7 +72,8 @@ def _collect(model: LoadedModel, prompts: PromptSet, layers: Sequence[int], posi
     for layer in layers:
         hooks = _hook_names(layer)
         names += [hooks["resid"], hooks["attn"], hooks["mlp"]] + ([hooks["heads"]] if heads else [])
-    return collect_activations(model, prompts, names, positions=positions, batch_size=batch_size)
+    with eager_attention(model):
+        return collect_activations(model, prompts, names, positions=positions, batch_size=batch_size)
 
 
 def _supports_heads(model: LoadedModel, layer: int) -> bool:

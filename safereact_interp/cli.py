@@ -105,8 +105,9 @@ def _diagnose_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--capability-max-new-tokens", type=int, default=96,
                        help="tokens generated per capability problem (default 96)")
     group.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
-    group.add_argument("--generation-batch-size", type=int, default=64,
-                       help="prompts per generation batch (default 64)")
+    group.add_argument("--generation-batch-size", type=int, default=128,
+                       help="prompts per generation batch (default 128; larger batches make each "
+                            "decoding step more efficient on a CPU)")
     group.add_argument("--response-prefix", default="",
                        help="text the assistant's response starts with, e.g. '<think>\\n' (default none)")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")

@@ -16,9 +16,10 @@ import importlib.util
 import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -273,6 +274,29 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def _use_fused_attention(hf_model: PreTrainedModel) -> None:
+    """Switch attention back to PyTorch's fused SDPA kernel where the architecture has one.
+
+    The TransformerBridge forces eager attention so that its attention-pattern hooks fire; nothing
+    here reads patterns except inside `eager_attention`, and SDPA decodes about 10 % faster on a CPU.
+    """
+    if getattr(hf_model.config, "_attn_implementation", None) == "eager" and getattr(hf_model, "_supports_sdpa", False):
+        hf_model.config._attn_implementation = "sdpa"
+
+
+@contextmanager
+def eager_attention(model: "LoadedModel") -> Iterator[None]:
+    """Run the model with eager attention inside the block, for hooks on attention patterns or
+    per-head results."""
+    config = model.hf_model.config
+    previous = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 def wrap_model(hf_model: PreTrainedModel, tokenizer: Any, *, name: str, spec: str | None = None) -> LoadedModel:
     """Boot a TransformerBridge around an already loaded HF model (and any peft layers in it)."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -288,6 +312,7 @@ def wrap_model(hf_model: PreTrainedModel, tokenizer: Any, *, name: str, spec: st
             f"{error}; use an architecture the TransformerBridge supports"
         ) from error
     bridge.eval()
+    _use_fused_attention(hf_model)
     return LoadedModel(
         name=name,
         spec=spec or name,

@@ -61,7 +61,7 @@ class RunOptions:
     max_new_tokens: int = 24
     capability_max_new_tokens: int = 96
     batch_size: int = 16
-    generation_batch_size: int = 64
+    generation_batch_size: int = 128
     system_prompt: str | None = None
     response_prefix: str = ""
     seed: int = 0

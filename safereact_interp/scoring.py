@@ -376,7 +376,7 @@ class GenerationConfig:
 
     max_new_tokens: int = 24
     capability_max_new_tokens: int = 96
-    batch_size: int = 64
+    batch_size: int = 128
     system_prompt: str | None = None
     response_prefix: str = ""
 

@@ -92,3 +92,19 @@ def test_export_reloads(tmp_path, tiny_model):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, tiny_model.hf_model(ids).logits, atol=1e-5)
+
+
+def test_fused_attention_outside_eager_block(tiny_model):
+    from safereact_interp.models import eager_attention
+
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    patterns = []
+    hook = ("blocks.0.attn.hook_pattern", lambda activation, hook: patterns.append(activation) or activation)
+    assert tiny_model.hf_model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        fused = tiny_model.hf_model(ids).logits
+        with eager_attention(tiny_model), tiny_model.bridge.hooks(fwd_hooks=[hook]):
+            eager = tiny_model.hf_model(ids).logits
+    assert tiny_model.hf_model.config._attn_implementation == "sdpa"
+    assert len(patterns) == 1
+    assert torch.allclose(fused, eager, atol=1e-5)
