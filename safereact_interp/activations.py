@@ -100,9 +100,11 @@ def prefill_shared_prefix(model: LoadedModel, network: torch.nn.Module, sequence
                           prefix_hooks: Sequence = (), *, keep: int = 1
                           ) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:
     """Run the token prefix that all `sequences` share once, as a batch of one, into a key/value cache
-    repeated for every row. Returns (cache, the rest of each sequence left-padded, the attention mask
-    over prefix and rest, the rest's position ids); `keep` tokens of the shortest sequence stay in
-    the rest, so readout positions up to -keep fall there.
+    repeated for every row.
+
+    Returns the cache, the rest of each sequence left-padded, the attention mask over prefix and
+    rest, and the rest's position ids. The last `keep` tokens of the shortest sequence stay in the
+    rest, so that readout positions up to -keep fall there.
 
     The padding sits between the shared prefix and each row's own tokens, where the mask hides it,
     and position ids count only real tokens, so every row computes what it would alone.

@@ -183,8 +183,8 @@ def resolve_source(spec: str) -> ModelSource:
 
 
 def layer_count(spec: str, *, trust_remote_code: bool = False) -> int | None:
-    """Number of transformer layers of the model `spec` names, read from its config without loading
-    weights; None for a hub id (checking it would need the network) or a config without the field."""
+    """Read the number of transformer layers of the model `spec` from its config, without loading
+    weights. Returns None for a hub id (reading it would need the network) or a config without the field."""
     from transformers import AutoConfig
 
     source = resolve_source(spec)
@@ -277,8 +277,9 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 def _use_fused_attention(hf_model: PreTrainedModel) -> None:
     """Switch attention back to PyTorch's fused SDPA kernel where the architecture has one.
 
-    The TransformerBridge forces eager attention so that its attention-pattern hooks fire; nothing
-    here reads patterns except inside `eager_attention`, and SDPA decodes about 10 % faster on a CPU.
+    The TransformerBridge forces eager attention so that its attention-pattern hooks fire. Only code
+    inside `eager_attention` reads patterns here. SDPA decoded the organism's capability problems
+    about 10 % faster on 2 CPU cores.
     """
     if getattr(hf_model.config, "_attn_implementation", None) == "eager" and getattr(hf_model, "_supports_sdpa", False):
         hf_model.config._attn_implementation = "sdpa"

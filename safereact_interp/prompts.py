@@ -388,9 +388,12 @@ def encode(tokenizer: Any, rendered: Sequence[str]) -> list[list[int]]:
 
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]], keep: int = 1) -> int:
-    """Length of the token prefix that every sequence starts with, leaving at least `keep` tokens
-    of the shortest one after it (a chat template's system block and user header are shared by
-    every rendered prompt, so their keys and values need computing only once per batch)."""
+    """Return the length of the token prefix that every sequence starts with, leaving at least `keep`
+    tokens of the shortest one after it.
+
+    Every rendered prompt starts with the chat template's system block and user header, so their keys
+    and values need computing only once per batch.
+    """
     if not sequences:
         return 0
     first, limit = sequences[0], min(len(sequence) for sequence in sequences) - keep

@@ -179,7 +179,7 @@ def _capture_layers(model: LoadedModel, ids: Tensor, mask: Tensor, layers: Seque
 def _forward(model: LoadedModel, ids: Tensor, mask: Tensor, layers: Sequence[int],
              hidden: list[Tensor] | None, rows: list[int], first: int, *, need_logits: bool = False
              ) -> tuple[dict[int, Tensor], Tensor | None]:
-    """`_capture_layers`, starting at block `first` from stored hidden states when `hidden` is given."""
+    """Run `_capture_layers`, starting at block `first` from stored hidden states when `hidden` is given."""
     if hidden is None:
         return _capture_layers(model, ids, mask, layers, need_logits=need_logits)
     entering = pad_hidden([hidden[index] for index in rows], ids.shape[1]).to(ids.device)
@@ -189,8 +189,8 @@ def _forward(model: LoadedModel, ids: Tensor, mask: Tensor, layers: Sequence[int
 
 def _post_passes(post: LoadedModel, sequences: list[list[int]], layers: Sequence[int], first: int,
                  batch_size: int) -> tuple[list[Tensor], list[Tensor] | None]:
-    """One pass of the post-trained model over each sequence: its activations at `layers` (every
-    token, [seq, layer, d]) and, when `first` > 0, the hidden state entering block `first`."""
+    """Run the post-trained model once over each sequence and return its activations at `layers`
+    (every token, [seq, layer, d]) and, when `first` > 0, the hidden state entering block `first`."""
     captured_layers = sorted(set(layers) | ({first - 1} if first > 0 else set()))
     activations, entering = [], [] if first > 0 else None
     with torch.inference_mode():
@@ -209,9 +209,12 @@ def _post_passes(post: LoadedModel, sequences: list[list[int]], layers: Sequence
 def prepare_targets(base: LoadedModel, post: LoadedModel, harmful: PromptSet, retain: PromptSet,
                     config: RepairConfig, positions: tuple[int, ...], *, system_prompt: str | None = None,
                     base_directions: Directions | None = None, batch_size: int = 16) -> RepairTargets:
-    """Base activations on harmful prompts, post-trained activations on retain prompts, and norms;
-    also the post-trained model's hidden states entering the first adapter layer, from which
-    training starts (the blocks below it carry no adapter)."""
+    """Compute the loss targets: base activations on harmful prompts, post-trained activations on
+    retain prompts, and norms.
+
+    Also stores the post-trained model's hidden states entering the first adapter layer. Training
+    starts there, because the blocks below it carry no adapter.
+    """
     layers = config.layers
     first = min(config.adapter_layers)
     base_acts = collect_residuals(base, harmful, layers, positions=positions, batch_size=batch_size,

@@ -142,20 +142,21 @@ class _StopForward(Exception):
 
 
 def _original(module: torch.nn.Module) -> torch.nn.Module:
-    """The HF module under any TransformerBridge wrappers."""
+    """Return the HF module under any TransformerBridge wrappers."""
     while module._modules.get("_original_component") is not None:
         module = module._modules["_original_component"]
     return module
 
 
 def decoder_layers(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks of a HF causal LM (under peft and bridge wrappers), in order."""
+    """Find the transformer blocks of a HF causal LM (under peft and bridge wrappers), in order."""
     config = getattr(hf_model, "config", None)
     count = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", None)
     lists = [module for module in hf_model.modules()
              if isinstance(module, torch.nn.ModuleList) and (count is None or len(module) == count)]
     if not lists:
-        raise ConfigError(f"cannot find the transformer blocks of {type(hf_model).__name__}")
+        raise ConfigError(f"cannot find the transformer blocks of {type(hf_model).__name__}: no module list "
+                          "has one entry per layer; LoRA training needs a standard HF decoder model")
     return [_original(layer) for layer in max(lists, key=len)]
 
 
@@ -166,8 +167,11 @@ def _layer_output(output):
 @torch.no_grad()
 def hidden_entering(hf_model: torch.nn.Module, sequences: Sequence[Sequence[int]], layer: int, *,
                     pad_id: int, batch_size: int = 16, left: bool = True) -> list[torch.Tensor]:
-    """Hidden state entering block `layer` (after block `layer - 1`) at every token of each sequence,
-    from passes that stop there; padded like training (`left`) and returned without the padding."""
+    """Compute the hidden state entering block `layer` at every token of each sequence.
+
+    The passes stop after block `layer - 1`. Batches are padded on the side that training pads
+    (`left`), and each result comes back without its padding.
+    """
     blocks = decoder_layers(hf_model)
     captured: dict[str, torch.Tensor] = {}
 
@@ -295,7 +299,7 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     """Fine-tune the LoRA weights with cross-entropy on the response tokens.
 
     Batches are drawn by a seeded shuffle that cycles through the examples; the learning rate
-    decays linearly to zero over `steps`. `frozen_below` > 0 says that the blocks below it carry no
+    decays linearly to zero over `steps`. `frozen_below` > 0 means that the blocks below it carry no
     adapter: their output is computed once per example and each step starts there (see
     `start_at_layer`).
     """
@@ -355,11 +359,11 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
 
 
 def shortcut_matches(forward: Callable[[bool], object], values: Callable[[object], object], tolerance: float = 1e-4) -> bool:
-    """Whether `forward(True)` (the shortcut) gives the values of `forward(False)` (the full pass)."""
+    """Check that `forward(True)` (the shortcut) gives the values of `forward(False)` (the full pass)."""
     with torch.no_grad():
         try:
             full, shortcut = values(forward(False)), values(forward(True))
-        except Exception as error:  # an architecture whose blocks do not pass through: no shortcut
+        except Exception as error:  # blocks of some architectures cannot be passed through, so no shortcut
             logger.debug("the shortcut pass failed: %s", error)
             return False
     pairs = zip(full, shortcut) if isinstance(full, (list, tuple)) else [(full, shortcut)]

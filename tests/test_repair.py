@@ -102,7 +102,7 @@ def test_batches_deterministic_and_cover_all():
     assert sorted(seen[:10]) == list(range(10))
 
 
-def test_start_at_layer_reproduces_full_pass(planted_pair, repair_inputs):
+def test_start_at_layer_matches_full_pass(planted_pair, repair_inputs):
     from safereact_interp.activations import rendered_ids
     from safereact_interp.prompts import left_pad
     from safereact_interp.training import hidden_entering, pad_hidden, start_at_layer
@@ -121,7 +121,7 @@ def test_start_at_layer_reproduces_full_pass(planted_pair, repair_inputs):
     assert torch.equal(after, full)  # the blocks are restored on leaving
 
 
-def test_repair_starts_at_first_adapter_layer(planted_pair, planted_post_dir, repair_inputs, tmp_path, caplog):
+def test_repair_uses_layer_shortcut(planted_pair, planted_post_dir, repair_inputs, tmp_path, caplog):
     import logging
 
     with caplog.at_level(logging.INFO, logger="safereact_interp"):
@@ -130,7 +130,7 @@ def test_repair_starts_at_first_adapter_layer(planted_pair, planted_post_dir, re
     assert "does not reproduce the full pass" not in caplog.text
 
 
-def test_shortcut_mismatch_falls_back_to_full_passes():
+def test_shortcut_mismatch_detected():
     from safereact_interp.training import shortcut_matches
 
     assert shortcut_matches(lambda short: torch.ones(3), lambda value: value)
@@ -144,7 +144,7 @@ def test_shortcut_mismatch_falls_back_to_full_passes():
     assert not shortcut_matches(broken, lambda value: value)
 
 
-def test_sft_from_stored_hidden_states_matches_full_passes(planted_post_dir):
+def test_sft_shortcut_matches_full_passes(planted_post_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safereact_interp.models import prepare_tokenizer

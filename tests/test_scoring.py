@@ -32,7 +32,7 @@ def test_cached_score_matches_full_pass(tiny_model):
         assert abs(scores[index] - full_pass_score(tiny_model, text, config)) < 1e-4
 
 
-def test_cached_score_with_prefix_and_one_token_continuation(tiny_model):
+def test_cached_score_with_prefix(tiny_model):
     texts = bundled_prompts("harmless").train.texts[:4]
     config = RefusalScoreConfig(refusals=("I cannot help with that.", "No"), compliances=("Sure",),
                                 response_prefix="<think>\n")
@@ -95,7 +95,7 @@ def test_kl_to_itself_is_zero(tiny_model):
     assert abs(kl_divergence(tiny_model, tiny_model, texts, ["An answer.", "Another one.", "Third."])) < 1e-6
 
 
-def test_generate_with_addition_independent_of_batching(tiny_model):
+def test_addition_generation_batch_independent(tiny_model):
     from safereact_interp.patching import ActivationAddition
 
     texts = bundled_prompts("harmful").test.texts[:5]
