@@ -320,8 +320,11 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     start = time.perf_counter()
     hidden = None
     if frozen_below > 0:
-        hidden = hidden_entering(peft_model, [ids for ids, _ in items], frozen_below, pad_id=tokenizer.pad_token_id,
-                                 left=False)
+        try:
+            hidden = hidden_entering(peft_model, [ids for ids, _ in items], frozen_below,
+                                     pad_id=tokenizer.pad_token_id, left=False)
+        except ConfigError as error:
+            logger.info("training with full passes: %s", error)
     peft_model.train()
     for step in range(steps):
         if len(order) < batch_size:
