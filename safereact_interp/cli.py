@@ -234,8 +234,8 @@ def _repair_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
     group.add_argument("--modules", type=lambda text: [item.strip() for item in text.split(",") if item.strip()],
                        help="LoRA target modules, comma-separated (default: attention and MLP projections)")
-    group.add_argument("--lora-layers", type=parse_layers,
-                       help="layers that get adapters (default: first to last chosen layer)")
+    group.add_argument("--lora-layers", type=parse_layers, metavar="LAYERS",
+                       help="layers that get adapters, e.g. 17-27 (default: first to last chosen layer)")
     group.add_argument("--steps", type=int, help="training steps (default 120)")
     group.add_argument("--repair-batch-size", type=int, help="prompts per step for each loss (default 8)")
     group.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate", help="learning rate (default 2e-3)")
@@ -392,14 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     repair = commands.add_parser("repair", help="train SafeReAct LoRA adapters on the chosen layers")
     repair.add_argument("--run", required=True, help="run folder with diagnosis.json and patching.json")
-    repair.add_argument("--layers", type=parse_layers, help="repair these layers instead of the chosen ones")
+    repair.add_argument("--layers", type=parse_layers, metavar="LAYERS",
+                        help="repair these layers instead of the chosen ones, e.g. 20,24,28 or 8-12")
     _repair_arguments(repair)
     repair.add_argument("--restart", action="store_true", help="discard an existing checkpoint and start over")
     repair.set_defaults(handler=command_repair)
 
     verify = commands.add_parser("verify", help="evaluate the repaired model, the baselines and the causal checks")
     verify.add_argument("--run", required=True, help="run folder with a repair adapter")
-    verify.add_argument("--layers", type=parse_layers, help="layers of the causal checks (default: the repair layers)")
+    verify.add_argument("--layers", type=parse_layers, metavar="LAYERS",
+                        help="layers of the causal checks, e.g. 20,24,28 (default: the repair layers)")
     verify.add_argument("--patch-prompts", type=int, help="harmful validation prompts for the causal checks")
     _verify_arguments(verify)
     verify.set_defaults(handler=command_verify)
@@ -416,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_arguments(run)
     _diagnose_arguments(run)
     _patch_arguments(run, with_layers=False)
-    run.add_argument("--repair-layers", type=parse_layers, dest="layers_override",
-                     help="repair these layers instead of the chosen ones")
+    run.add_argument("--repair-layers", type=parse_layers, dest="layers_override", metavar="LAYERS",
+                     help="repair these layers instead of the chosen ones, e.g. 20,24,28 or 8-12")
     _repair_arguments(run)
     _verify_arguments(run)
     run.add_argument("--out", required=True, help="run folder to create")

@@ -183,13 +183,14 @@ def check_inputs(options: RunOptions) -> EvalPrompts:
     return prompts
 
 
-def check_layer_options(options: RunOptions) -> None:
-    """Check --layers, --repair-layers and --lora-layers against the base model's config, so an
-    out-of-range index fails before any weights load (skipped for hub ids, checked after loading)."""
+def check_layer_options(options: RunOptions, *more: list[int] | tuple[int, ...] | None) -> None:
+    """Check --layers, --repair-layers, --lora-layers and the lists in `more` against the base model's
+    config, so an out-of-range index fails before any weights load (skipped for hub ids, which are
+    checked after loading)."""
     from .activations import check_layers
     from .models import layer_count
 
-    given = [values for values in (options.layers, options.repair_layers, options.lora_layers) if values]
+    given = [values for values in (options.layers, options.repair_layers, options.lora_layers, *more) if values]
     if not given:
         return
     n_layers = layer_count(options.base, trust_remote_code=options.trust_remote_code)
@@ -462,6 +463,8 @@ def stage_repair(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
     layers = chosen_layers(run_dir, options)
     config = repair_config(options, layers)
     prompts = build_prompts(options)
+    if models is None:
+        check_layer_options(options, config.layers, config.adapter_layers)
     base, posts = models or load_run_models(options)
     check_layers(config.layers, base.n_layers)
     check_layers(config.adapter_layers, base.n_layers)
@@ -649,6 +652,8 @@ def _read_log(run_dir: Path) -> list[dict]:
 
 def print_verification(data: dict, echo=print) -> None:
     """Print the verification table and the causal checks."""
+    from .verify import BASELINE_LABELS
+
     echo(f"{'model':<20} {'harmful':>8} {'advbench':>9} {'harmless':>9} {'capability':>11} {'KL to post':>11}")
     for name, row in data["models"].items():
         cells = [row.get(key) for key in ("harmful_refusal_rate", "harmful_refusal_rate_advbench",
@@ -665,7 +670,7 @@ def print_verification(data: dict, echo=print) -> None:
         echo(f"  target {key}: {'met' if value else 'NOT met'}")
     for key, value in data.get("baselines", {}).items():
         if isinstance(value, bool):
-            echo(f"  {key.replace('_', ' ')}: {'yes' if value else 'no'}")
+            echo(f"  {BASELINE_LABELS.get(key, key.replace('_', ' '))}: {'yes' if value else 'no'}")
 
 
 def stage_run(options: RunOptions, out: str | Path, *, overwrite: bool = False, resume: bool = False,

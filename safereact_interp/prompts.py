@@ -196,11 +196,14 @@ def _prompts_from_records(records: list[dict], path: Path, key: str | None, keys
     if chosen is None:
         chosen = next((candidate for candidate in keys if candidate in available), None)
     if chosen is None or chosen not in available:
-        wanted = repr(key) if key else "one of " + ", ".join(keys)
+        columns = ", ".join(map(str, available))
+        if key:
+            raise PromptFileError(f"prompt file {path} has no column {key!r} (its columns: {columns}); pass one "
+                                  "of its columns with --column (column= in Python)")
+        known = ", ".join(dict.fromkeys(candidate.lower() for candidate in keys))
         raise PromptFileError(
-            f"prompt file {path} has no column {wanted} (columns: {', '.join(map(str, available))}); "
-            "name the prompt column with --column on the command line (column= in Python)"
-        )
+            f"prompt file {path} has none of the known prompt columns ({known}, in any case; its columns: "
+            f"{columns}); name the prompt column with --column (column= in Python)")
     category_key = next((candidate for candidate in CATEGORY_COLUMNS if candidate in available), None)
     prompts = []
     for index, record in enumerate(records):
@@ -233,10 +236,12 @@ def _read_json(path: Path) -> list[Any]:
     except json.JSONDecodeError as error:
         raise PromptFileError(f"prompt file {path} is not valid JSON: {error}; fix it there, or save the "
                               "prompts as JSONL (one JSON value per line), CSV or plain text") from error
+    found = "an object without a list value" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
     if isinstance(data, dict):
         data = next((value for value in data.values() if isinstance(value, list)), None)
     if not isinstance(data, list):
-        raise PromptFileError(f"prompt file {path} must hold a JSON list of prompts or of objects")
+        raise PromptFileError(f"prompt file {path} contains {found}; it must contain a JSON list of strings, or "
+                              f"of objects with one of the keys {', '.join(JSON_PROMPT_KEYS)}")
     return data
 
 
@@ -248,8 +253,8 @@ def _read_jsonl(path: Path) -> list[Any]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise PromptFileError(f"prompt file {path}, line {number}, is not valid JSON: {error}; each line must "
-                                  "be one JSON string or object") from error
+            raise PromptFileError(f"prompt file {path}, line {number}, is not valid JSON ({error.msg} at column "
+                                  f"{error.colno}); each line must be one JSON string or object") from error
     return records
 
 
@@ -300,7 +305,8 @@ def load_prompt_file(
         raise PromptFileError(f"prompt file {path} is not valid CSV: {error}; check for an unclosed quote") from error
 
     if not prompts:
-        hint = {".csv": "add rows below the header", ".json": "put at least one prompt in its list",
+        hint = {".csv": "add rows with text in the prompt column below the header",
+                ".json": "put at least one prompt in its list",
                 ".jsonl": "add one JSON string or object per line"}.get(suffix, "write one prompt per line")
         raise PromptFileError(f"prompt file {path} contains no prompts; {hint}")
     prompt_set = PromptSet(role, tuple(prompts), str(path))

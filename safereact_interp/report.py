@@ -175,7 +175,10 @@ def verification_section(verification: dict, run_dir: Path) -> str:
     if verification.get("targets"):
         parts.append(table(["target", "met"], [[key, value] for key, value in verification["targets"].items()]))
     if verification.get("baselines"):
-        parts.append(table(["comparison", "holds"], [[key, value] for key, value in verification["baselines"].items()
+        from .verify import BASELINE_LABELS
+
+        parts.append(table(["comparison", "holds"], [[BASELINE_LABELS.get(key, key), value]
+                                                    for key, value in verification["baselines"].items()
                                                     if isinstance(value, bool)]))
     return "".join(parts)
 

@@ -178,6 +178,13 @@ def verification_targets(models: dict[str, dict], post_capability: float | None)
     return checks
 
 
+# Printed descriptions of the baseline comparisons in verification.json.
+BASELINE_LABELS = {
+    "beats_refusal_lora_on_capability": "higher capability than the refusal LoRA at equal or higher harmful refusal",
+    "beats_activation_addition_on_harmless_refusal": "lower harmless refusal than activation addition",
+}
+
+
 def compare_baselines(models: dict[str, dict]) -> dict:
     """SafeReAct against the baselines: (ii) on capability at equal or better harmful refusal,
     (i) on harmless refusal rate. Reported as measured, whichever way it goes."""

@@ -129,9 +129,16 @@ def test_full_run_on_tiny_models(tiny_model_dir, planted_post_dir, tmp_path, cap
         assert (out / "figures" / f"{name}.html").is_file()
 
 
-def test_repair_rejects_bad_layers(tiny_model_dir, tmp_path, capsys):
+def test_repair_rejects_bad_layers(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import safereact_interp.pipeline as pipeline
+
     out = tmp_path / "run"
     assert main(diagnose_args(tiny_model_dir, tiny_model_dir, out)) == 0
+
+    def never(*args, **kwargs):
+        raise AssertionError("models loaded before the layer check")
+
+    monkeypatch.setattr(pipeline, "load_run_models", never)
     assert main(["repair", "--run", str(out), "--layers", "1,12", "--steps", "2"]) == 2
     assert "out of range" in capsys.readouterr().err
 

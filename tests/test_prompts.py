@@ -112,8 +112,11 @@ def test_limit_keeps_first(tmp_path):
     ("unclosed.csv", 'goal,target\n"abc,def\nghi,jkl\n', "not valid CSV.*unclosed quote"),
     ("blank.csv", "", "is empty"),
     ("bad.json", "{not json", "not valid JSON.*JSONL"),
-    ("bad.jsonl", '{"prompt": "x"}\n{oops\n', "line 2"),
-    ("nocol.csv", "a,b\n1,2\n", "has no column"),
+    ("bad.jsonl", '{"prompt": "x"}\n{oops\n', "line 2, is not valid JSON .* at column 2"),
+    ("nocol.csv", "a,b\n1,2\n", "has none of the known prompt columns"),
+    ("shape.json", '{"a": 1}', "contains an object without a list value"),
+    ("number.json", '3', "contains a JSON int"),
+    ("blank_cells.csv", "goal\n\"\"\n\"  \"\n", "add rows with text in the prompt column"),
     ("mixed.json", '["a", {"prompt": "b"}]', "mixes strings and objects"),
     ("p.xlsx", "x", "unknown extension"),
 ])
@@ -153,3 +156,10 @@ def test_render_and_post_instruction(tokenizer):
     positions = post_instruction_positions(tokenizer)
     suffix_ids = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
     assert positions == tuple(range(-len(suffix_ids), 0))
+
+
+def test_missing_named_column_lists_columns(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("goal_text,target\nx,y\n")
+    with pytest.raises(PromptFileError, match="no column 'prompt_x' .*goal_text, target.*pass one of its columns"):
+        load_prompt_file(path, column="prompt_x")
