@@ -342,6 +342,9 @@ def command_run(args: argparse.Namespace) -> int:
     from .progress import tqdm_progress
 
     _check_counts(args)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other: --overwrite starts the run folder "
+                          "over, --resume continues it; pass one of them")
     options = _apply_stage_settings(_options_from_args(args), args)
     if args.layers_override:
         options.repair_layers = args.layers_override

@@ -133,7 +133,14 @@ def repair_section(repair: dict, run_dir: Path) -> str:
     from .plots import training_figure
 
     parts = ["<h2>Repair</h2>"]
-    config = repair["repair"]
+    config = dict(repair["repair"])
+    # Unset settings show the value used: adapter_layers lists the LoRA layers, positions were resolved.
+    if config.get("lora_layers") is None:
+        config.pop("lora_layers", None)
+    if config.get("positions") is None and repair.get("positions"):
+        config["positions"] = f"{repair['positions']} (post-instruction tokens)"
+    if config.get("modules") is None:
+        config["modules"] = "attention and MLP projections (default)"
     parts.append(table(["setting", "value"], [[key, str(value)] for key, value in config.items()]))
     log_path = run_dir / "repair" / "log.jsonl"
     if log_path.is_file():

@@ -162,3 +162,10 @@ def test_parse_layers():
     assert parse_layers("20,24,28") == [20, 24, 28]
     assert parse_layers("8-10,12") == [8, 9, 10, 12]
     assert parse_layers("-1") == [-1]
+
+
+def test_run_rejects_overwrite_with_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--overwrite", "--resume"]) == 2
+    assert "--overwrite and --resume contradict" in capsys.readouterr().err
+    assert not out.exists()
