@@ -190,12 +190,12 @@ def check_layer_options(options: RunOptions, *more: list[int] | tuple[int, ...] 
     from .activations import check_layers
     from .models import layer_count
 
-    given = [values for values in (options.layers, options.repair_layers, options.lora_layers, *more) if values]
-    if not given:
+    layer_lists = [values for values in (options.layers, options.repair_layers, options.lora_layers, *more) if values]
+    if not layer_lists:
         return
     n_layers = layer_count(options.base, trust_remote_code=options.trust_remote_code)
     if n_layers is not None:
-        for values in given:
+        for values in layer_lists:
             check_layers(values, n_layers)
 
 
@@ -617,7 +617,7 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
         if name in evaluations:
             write_json(run_dir / "evaluations" / f"{name}.json", evaluations[name].to_dict(with_records=True))
     write_json(run_dir / "verification.json", data)
-    save_figure(before_after_figure(data), run_dir / "figures", "before_after", formats=options.formats)
+    save_figure(before_after_figure(data, data.get("intervals") or None), run_dir / "figures", "before_after", formats=options.formats)
     _refresh_report(run_dir, options, "verify")
     return data
 

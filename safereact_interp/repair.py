@@ -38,8 +38,8 @@ from .directions import Directions
 from .errors import ConfigError, RunFolderError
 from .models import LoadedModel, load_unwrapped, wrap_model
 from .prompts import PromptSet, left_pad
-from .training import (LoraSettings, shortcut_matches, add_lora, count_parameters, lora_parameters,
-                       pad_hidden, save_adapter, start_at_layer)
+from .training import (LoraSettings, add_lora, count_parameters, lora_parameters, pad_hidden, save_adapter,
+                       shortcut_matches, start_at_layer)
 
 logger = logging.getLogger(__name__)
 
@@ -388,13 +388,18 @@ def repair(
             rows = batch_indices(len(targets.harmful_ids), config.batch_size, step, config.seed)
             ids, mask = left_pad([targets.harmful_ids[index] for index in rows], pad_id)
             ids, mask = ids.to(device), mask.to(device)
-            if step == start_step and shortcut and not shortcut_matches(
-                    lambda short: _forward(model, ids, mask, layers, targets.harmful_hidden if short else None, rows, first),
-                    lambda result: [result[0][layer][mask.bool()] for layer in layers]):
+
+            def harmful_pass(short: bool):
+                return _forward(model, ids, mask, layers, targets.harmful_hidden if short else None, rows, first)
+
+            def real_tokens(result):
+                return [result[0][layer][mask.bool()] for layer in layers]
+
+            if step == start_step and shortcut and not shortcut_matches(harmful_pass, real_tokens):
                 logger.info("starting at block %d does not reproduce the full pass of this model; training "
                             "with full passes", first)
                 shortcut = False
-            current, _ = _forward(model, ids, mask, layers, targets.harmful_hidden if shortcut else None, rows, first)
+            current, _ = harmful_pass(shortcut)
             align = alignment_loss(current, rows, ids.shape[1], targets, config, positions)
 
             retain_rows = batch_indices(len(targets.retain_ids), config.batch_size, step, config.seed + 1)

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from .artifacts import atomic_write_text, save_tensors
 from .errors import ConfigError
-from .prompts import encode, render_chat
+from .prompts import encode, left_pad, render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,10 @@ def hidden_entering(hf_model: torch.nn.Module, sequences: Sequence[Sequence[int]
     try:
         for start in range(0, len(sequences), batch_size):
             chunk = [list(sequence) for sequence in sequences[start:start + batch_size]]
-            ids, mask = _pad(chunk, pad_id, left)
+            if left:
+                ids, mask = left_pad(chunk, pad_id)
+            else:
+                ids, mask, _ = collate_right_padded([(sequence, sequence) for sequence in chunk], pad_id)
             try:
                 hf_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except _StopForward:
@@ -199,17 +202,6 @@ def hidden_entering(hf_model: torch.nn.Module, sequences: Sequence[Sequence[int]
     return results
 
 
-def _pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
-        ids[row, columns] = torch.tensor(list(sequence), dtype=torch.long)
-        mask[row, columns] = 1
-    return ids, mask
-
-
 def pad_hidden(hidden: Sequence[torch.Tensor], width: int, left: bool = True) -> torch.Tensor:
     """Stack per-sequence hidden states into a [batch, width, d] tensor padded like the token ids."""
     batch = torch.zeros(len(hidden), width, hidden[0].shape[-1], dtype=hidden[0].dtype, device=hidden[0].device)
@@ -221,8 +213,9 @@ def pad_hidden(hidden: Sequence[torch.Tensor], width: int, left: bool = True) ->
 
 @contextmanager
 def start_at_layer(hf_model: torch.nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
-    """Within the block, a forward pass of `hf_model` takes `hidden` [batch, width, d] as the input of
-    block `layer`: the embedding output is replaced by it and the blocks below pass it through."""
+    """Make forward passes of `hf_model` inside the block start at block `layer` with `hidden`
+    [batch, width, d] as its input. The hook replaces the embedding output, and the blocks below
+    pass it through unchanged."""
     blocks = decoder_layers(hf_model)
     embedding = _original(hf_model.get_input_embeddings())
 
@@ -234,6 +227,9 @@ def start_at_layer(hf_model: torch.nn.Module, layer: int, hidden: torch.Tensor) 
     def passthrough(*args, **kwargs):
         return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
+    # A block may already carry its own instance-level forward (accelerate's device hooks set one),
+    # so that one is put back afterwards rather than deleted.
+    previous = [block.__dict__.get("forward") for block in blocks[:layer]]
     handle = embedding.register_forward_hook(replace)
     for block in blocks[:layer]:
         block.forward = passthrough
@@ -241,8 +237,11 @@ def start_at_layer(hf_model: torch.nn.Module, layer: int, hidden: torch.Tensor) 
         yield
     finally:
         handle.remove()
-        for block in blocks[:layer]:
-            del block.forward
+        for block, forward in zip(blocks[:layer], previous):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 # ---- supervised fine-tuning on (prompt, response) pairs ----------------------------------------
@@ -370,8 +369,8 @@ def shortcut_matches(forward: Callable[[bool], object], values: Callable[[object
             logger.debug("the shortcut pass failed: %s", error)
             return False
     pairs = zip(full, shortcut) if isinstance(full, (list, tuple)) else [(full, shortcut)]
-    for one, two in pairs:
-        one, two = one.float(), two.float()
-        if one.shape != two.shape or not torch.allclose(one, two, atol=tolerance, rtol=tolerance):
+    for expected, actual in pairs:
+        expected, actual = expected.float(), actual.float()
+        if expected.shape != actual.shape or not torch.allclose(expected, actual, atol=tolerance, rtol=tolerance):
             return False
     return True

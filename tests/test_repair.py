@@ -158,3 +158,22 @@ def test_sft_shortcut_matches_full_passes(planted_post_dir):
         losses[frozen] = train_sft(model, tokenizer, examples, steps=4, batch_size=3, learning_rate=1e-2,
                                    frozen_below=frozen).losses
     assert losses[0] == pytest.approx(losses[2], abs=1e-4)
+
+
+def test_start_at_layer_restores_instance_forward(planted_pair):
+    from safereact_interp.training import decoder_layers, start_at_layer
+
+    post = planted_pair.post
+    block = decoder_layers(post.hf_model)[0]
+    original = block.forward
+
+    def wrapped(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    block.forward = wrapped
+    try:
+        with start_at_layer(post.hf_model, 2, torch.zeros(1, 3, post.d_model)):
+            assert block.forward is not wrapped
+        assert block.forward is wrapped
+    finally:
+        del block.forward
