@@ -19,7 +19,8 @@ from transformers import DynamicCache
 
 from .errors import ConfigError, LayerError
 from .models import LoadedModel
-from .prompts import PromptSet, encode, left_pad, length_sorted_batches, render_chat, shared_prefix_length
+from .prompts import (PromptSet, encode, left_pad, length_sorted_batches, render_chat, shared_prefix_length,
+                      split_shared_prefix)
 
 
 def resid_hook_name(layer: int) -> str:
@@ -112,9 +113,10 @@ def prefill_shared_prefix(model: LoadedModel, network: torch.nn.Module, sequence
     """
     device = model.device
     shared = shared_prefix_length(sequences, keep=keep)
+    prefix, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(
+        sequences, shared, model.tokenizer.pad_token_id))
     cache = DynamicCache()
     if shared:
-        prefix = torch.tensor([list(sequences[0][:shared])], device=device)
         with model.bridge.hooks(fwd_hooks=list(prefix_hooks)):
             try:
                 network(input_ids=prefix, attention_mask=torch.ones_like(prefix),
@@ -123,10 +125,6 @@ def prefill_shared_prefix(model: LoadedModel, network: torch.nn.Module, sequence
             except StopAtLayerException:
                 pass  # a hook ended the pass after the deepest layer the caller reads
         cache.batch_repeat_interleave(len(sequences))
-    ids, rest_mask = left_pad([sequence[shared:] for sequence in sequences], model.tokenizer.pad_token_id)
-    ids, rest_mask = ids.to(device), rest_mask.to(device)
-    mask = torch.cat([torch.ones(len(sequences), shared, dtype=rest_mask.dtype, device=device), rest_mask], dim=1)
-    positions = (rest_mask.cumsum(-1) - 1 + shared).clamp_min(0)
     return cache, ids, mask, positions
 
 

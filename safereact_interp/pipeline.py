@@ -560,11 +560,12 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
     harmless = prompts.harmless_test.head(min(options.kl_prompts, len(prompts.harmless_test)))
     by_id = {record["id"]: record["response"] for record in post_evaluation.records.get("harmless", [])}
     responses = [by_id[prompt.id] for prompt in harmless] if all(prompt.id in by_id for prompt in harmless) else None
+    post_distributions: dict = {}  # the post-trained model's next-token distributions, for every KL
     evaluations["base"] = ModelEvaluation(**{**evaluations["base"].__dict__, "kl_to_post": kl_divergence(
-        base, post, harmless, responses, system_prompt=options.system_prompt)})
+        base, post, harmless, responses, system_prompt=options.system_prompt, reference_cache=post_distributions)})
     evaluations["repaired"] = evaluate_with_kl(repaired, post, prompts, sets, generation, post_evaluation,
                                                name="repaired", judge=judge, kl_prompts=options.kl_prompts,
-                                               progress=progress)
+                                               progress=progress, reference_cache=post_distributions)
 
     baselines_info: dict = {}
     if options.baselines:
@@ -576,7 +577,8 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
         addition = ActivationAddition(layer, alpha * directions.at(layer))
         evaluations["activation_addition"] = evaluate_with_kl(
             post, post, prompts, sets, generation, post_evaluation, name="activation_addition",
-            interventions=[addition], judge=judge, kl_prompts=options.kl_prompts, progress=progress)
+            interventions=[addition], judge=judge, kl_prompts=options.kl_prompts, progress=progress,
+            reference_cache=post_distributions)
         baselines_info["activation_addition"] = {"layer": layer, "alpha": alpha}
         config = repair_config(options, layers)
         with progress("refusal-LoRA baseline training", config.steps) as advance:
@@ -586,7 +588,8 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
                                                        on_step=lambda step, loss: advance(1))
         evaluations["refusal_lora"] = evaluate_with_kl(refusal_lora, post, prompts, sets, generation,
                                                        post_evaluation, name="refusal_lora", judge=judge,
-                                                       kl_prompts=options.kl_prompts, progress=progress)
+                                                       kl_prompts=options.kl_prompts, progress=progress,
+                                                       reference_cache=post_distributions)
         baselines_info["refusal_lora"] = {"steps": config.steps, "rank": config.rank,
                                           "layers": list(config.adapter_layers), "seconds": round(seconds, 1)}
         del refusal_lora

@@ -424,6 +424,23 @@ def left_pad(
     return ids, mask
 
 
+def split_shared_prefix(sequences: Sequence[Sequence[int]], shared: int, pad_id: int
+                        ) -> tuple[Int[Tensor, "1 prefix"], Int[Tensor, "batch rest"], Int[Tensor, "batch pos"],
+                                   Int[Tensor, "batch rest"]]:
+    """Split sequences that share their first `shared` tokens into that prefix (one row) and the
+    rest of each sequence, left-padded.
+
+    Returns the prefix ids, the rest's ids, the attention mask over prefix and rest (the padding
+    sits between them, where the mask hides it) and the rest's position ids, which count only real
+    tokens, so a row computes what it would alone.
+    """
+    prefix = torch.tensor([list(sequences[0][:shared])], dtype=torch.long)
+    ids, rest_mask = left_pad([sequence[shared:] for sequence in sequences], pad_id)
+    mask = torch.cat([torch.ones(len(sequences), shared, dtype=rest_mask.dtype), rest_mask], dim=1)
+    positions = (rest_mask.cumsum(-1) - 1 + shared).clamp_min(0)
+    return prefix, ids, mask, positions
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Group indices into batches of similar length (less padding), longest first."""
     if batch_size < 1:

@@ -32,14 +32,15 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-from .activations import check_layers, check_positions, collect_residuals, resid_hook_name, rendered_ids
+from .activations import (check_layers, check_positions, collect_residuals, prefill_shared_prefix, resid_hook_name,
+                          rendered_ids)
 from .artifacts import atomic_write_text, load_tensors, read_json, save_tensors, write_json
 from .directions import Directions
 from .errors import ConfigError, RunFolderError
 from .models import LoadedModel, load_unwrapped, wrap_model
-from .prompts import PromptSet, left_pad
-from .training import (LoraSettings, add_lora, count_parameters, lora_parameters, pad_hidden, save_adapter,
-                       shortcut_matches, start_at_layer)
+from .prompts import PromptSet, left_pad, length_sorted_batches, shared_prefix_length, split_shared_prefix
+from .training import (LoraSettings, add_lora, count_parameters, lora_parameters, pad_hidden, prefix_cache,
+                       save_adapter, shortcut_matches, start_at_layer)
 
 logger = logging.getLogger(__name__)
 
@@ -176,33 +177,104 @@ def _capture_layers(model: LoadedModel, ids: Tensor, mask: Tensor, layers: Seque
     return captured, (logits if need_logits else None)
 
 
-def _forward(model: LoadedModel, ids: Tensor, mask: Tensor, layers: Sequence[int],
-             hidden: list[Tensor] | None, rows: list[int], first: int, *, need_logits: bool = False
-             ) -> tuple[dict[int, Tensor], Tensor | None]:
-    """Run `_capture_layers`, starting at block `first` from stored hidden states when `hidden` is given."""
+def _forward(model: LoadedModel, sequences: list[list[int]], layers: Sequence[int], hidden: list[Tensor] | None,
+             rows: list[int], first: int, *, shared: int = 0, need_logits: bool = False
+             ) -> tuple[dict[int, Tensor], Tensor | None, Tensor]:
+    """Forward pass with gradients over `sequences`, returning the residual stream after `layers`
+    ([batch, column, d]), the logits if asked, and the attention mask of those columns.
+
+    Without `hidden`, the batch is left-padded and runs from the embeddings. With `hidden` (the
+    stored hidden states entering block `first`), the pass starts at that block, and when `shared`
+    > 0 the first `shared` tokens, which every sequence has, run once as a batch of one: the
+    columns are then the shared prefix, padding, and each row's own tokens.
+    """
+    device = model.device
+    pad_id = model.tokenizer.pad_token_id
     if hidden is None:
-        return _capture_layers(model, ids, mask, layers, need_logits=need_logits)
-    entering = pad_hidden([hidden[index] for index in rows], ids.shape[1]).to(ids.device)
-    with start_at_layer(model.hf_model, first, entering):
-        return _capture_layers(model, ids, mask, layers, need_logits=need_logits)
+        ids, mask = left_pad(sequences, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        captured, logits = _capture_layers(model, ids, mask, layers, need_logits=need_logits)
+        return captured, logits, mask
+    if not shared or need_logits:
+        ids, mask = left_pad(sequences, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        entering = pad_hidden([hidden[index] for index in rows], ids.shape[1]).to(device)
+        with start_at_layer(model.hf_model, first, entering):
+            captured, logits = _capture_layers(model, ids, mask, layers, need_logits=need_logits)
+        return captured, logits, mask
+
+    prefix, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(sequences, shared, pad_id))
+    deepest = max(layers)
+
+    def capturing(into: dict[int, Tensor]) -> list:
+        def make_hook(layer: int):
+            def hook(activation: Tensor, hook) -> Tensor:
+                into[layer] = activation
+                if layer == deepest:
+                    raise StopAtLayerException(activation)
+                return activation
+            return hook
+        return [(resid_hook_name(layer), make_hook(layer)) for layer in layers]
+
+    in_prefix: dict[int, Tensor] = {}
+    in_rest: dict[int, Tensor] = {}
+    with model.bridge.hooks(fwd_hooks=capturing(in_prefix)):
+        cache = prefix_cache(model.hf_model, prefix, len(sequences))
+    entering = pad_hidden([hidden[index][shared:] for index in rows], ids.shape[1]).to(device)
+    with start_at_layer(model.hf_model, first, entering), model.bridge.hooks(fwd_hooks=capturing(in_rest)):
+        try:
+            model.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+        except StopAtLayerException:
+            pass
+    captured = {layer: torch.cat([in_prefix[layer].expand(len(sequences), -1, -1), in_rest[layer]], dim=1)
+                for layer in layers}
+    return captured, None, mask
 
 
 def _post_passes(post: LoadedModel, sequences: list[list[int]], layers: Sequence[int], first: int,
                  batch_size: int) -> tuple[list[Tensor], list[Tensor] | None]:
     """Run the post-trained model once over each sequence and return its activations at `layers`
-    (every token, [seq, layer, d]) and, when `first` > 0, the hidden state entering block `first`."""
+    (every token, [seq, layer, d]) and, when `first` > 0, the hidden state entering block `first`.
+
+    Batches are grouped by length, and the prompt prefix that a batch shares runs once."""
     captured_layers = sorted(set(layers) | ({first - 1} if first > 0 else set()))
-    activations, entering = [], [] if first > 0 else None
+    deepest = max(captured_layers)
+    activations: list[Tensor | None] = [None] * len(sequences)
+    entering: list[Tensor | None] | None = [None] * len(sequences) if first > 0 else None
+
+    def capturing(into: dict[int, Tensor]) -> list:
+        def make_hook(layer: int):
+            def hook(activation: Tensor, hook) -> Tensor:
+                into[layer] = activation
+                if layer == deepest:
+                    raise StopAtLayerException(activation)
+                return activation
+            return hook
+        return [(resid_hook_name(layer), make_hook(layer)) for layer in captured_layers]
+
     with torch.inference_mode():
-        for start in range(0, len(sequences), batch_size):
-            chunk = sequences[start:start + batch_size]
-            ids, mask = left_pad(chunk, post.tokenizer.pad_token_id)
-            captured, _ = _capture_layers(post, ids.to(post.device), mask.to(post.device), captured_layers)
-            for row, sequence in enumerate(chunk):
-                columns = slice(ids.shape[1] - len(sequence), None)
-                activations.append(torch.stack([captured[layer][row, columns] for layer in layers], dim=1).float().cpu())
+        for batch in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
+            chunk = [sequences[index] for index in batch]
+            in_prefix: dict[int, Tensor] = {}
+            in_rest: dict[int, Tensor] = {}
+            cache, ids, mask, positions = prefill_shared_prefix(post, post.hf_model, chunk, capturing(in_prefix))
+            with post.bridge.hooks(fwd_hooks=capturing(in_rest)):
+                try:
+                    post.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                  use_cache=True, logits_to_keep=1)
+                except StopAtLayerException:
+                    pass
+            for row, index in enumerate(batch):
+                columns = slice(ids.shape[1] - (len(sequences[index]) - (mask.shape[1] - ids.shape[1])), None)
+
+                def whole(layer: int) -> Tensor:
+                    rest = in_rest[layer][row, columns]
+                    return torch.cat([in_prefix[layer][0], rest]) if in_prefix else rest
+
+                activations[index] = torch.stack([whole(layer) for layer in layers], dim=1).float().cpu()
                 if entering is not None:
-                    entering.append(captured[first - 1][row, columns].clone())
+                    entering[index] = whole(first - 1).clone()
     return activations, entering
 
 
@@ -255,15 +327,16 @@ def alignment_loss(current: dict[int, Tensor], rows: list[int], width: int, targ
     return torch.stack(losses).mean()
 
 
-def retain_loss(current: dict[int, Tensor], rows: list[int], sequences: list[list[int]], width: int,
-                targets: RepairTargets, config: RepairConfig) -> Tensor:
-    """L_retain over the batch: squared distance to the post-trained model relative to its norm, every real token."""
+def retain_loss(current: dict[int, Tensor], rows: list[int], mask: Tensor, targets: RepairTargets,
+                config: RepairConfig) -> Tensor:
+    """L_retain over the batch: squared distance to the post-trained model relative to its norm, every
+    real token (the columns that `mask` marks, in sequence order)."""
     total, count = 0.0, 0
     for row, index in enumerate(rows):
-        length = len(sequences[row])
+        real = mask[row].bool()
         goal = targets.post_retain[index]
         for layer_index, layer in enumerate(config.layers):
-            mine = current[layer][row, width - length:].float()
+            mine = current[layer][row, real].float()
             target = goal[:, layer_index].to(mine.device)
             relative = ((mine - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-12)
             total = total + relative.sum()
@@ -375,6 +448,9 @@ def repair(
     pad_id = tokenizer.pad_token_id
     first = min(config.adapter_layers)
     shortcut = targets.harmful_hidden is not None
+    # Readout positions stay out of the shared prefix; the KL term needs logits at every column.
+    shared = 0 if need_logits else shared_prefix_length(targets.harmful_ids + targets.retain_ids,
+                                                        keep=max(1, -min(positions)))
     device = model.device
     started = time.perf_counter()
     model.hf_model.train()
@@ -386,34 +462,33 @@ def repair(
                 group["lr"] = config.learning_rate * (1.0 - step / config.steps)
 
             rows = batch_indices(len(targets.harmful_ids), config.batch_size, step, config.seed)
-            ids, mask = left_pad([targets.harmful_ids[index] for index in rows], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
+            harmful_batch = [targets.harmful_ids[index] for index in rows]
 
             def harmful_pass(short: bool):
-                return _forward(model, ids, mask, layers, targets.harmful_hidden if short else None, rows, first)
+                return _forward(model, harmful_batch, layers, targets.harmful_hidden if short else None, rows, first,
+                                shared=shared)
 
             def real_tokens(result):
-                return [result[0][layer][mask.bool()] for layer in layers]
+                return [result[0][layer][result[2].bool()] for layer in layers]
 
             if step == start_step and shortcut and not shortcut_matches(harmful_pass, real_tokens):
-                logger.info("starting at block %d does not reproduce the full pass of this model; training "
-                            "with full passes", first)
+                logger.info("starting at block %d with a shared prefix does not reproduce the full pass of this "
+                            "model; training with full passes", first)
                 shortcut = False
-            current, _ = harmful_pass(shortcut)
-            align = alignment_loss(current, rows, ids.shape[1], targets, config, positions)
+            current, _, mask = harmful_pass(shortcut)
+            align = alignment_loss(current, rows, current[layers[0]].shape[1], targets, config, positions)
 
             retain_rows = batch_indices(len(targets.retain_ids), config.batch_size, step, config.seed + 1)
             sequences = [targets.retain_ids[index] for index in retain_rows]
-            ids, mask = left_pad(sequences, pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            current, logits = _forward(model, ids, mask, layers, targets.retain_hidden if shortcut else None,
-                                       retain_rows, first, need_logits=need_logits)
-            keep = retain_loss(current, retain_rows, sequences, ids.shape[1], targets, config)
+            current, logits, mask = _forward(model, sequences, layers, targets.retain_hidden if shortcut else None,
+                                             retain_rows, first, shared=shared, need_logits=need_logits)
+            keep = retain_loss(current, retain_rows, mask, targets, config)
             loss = config.align_weight * align + config.retain_weight * keep
             kl_value = 0.0
             if need_logits:
+                ids, _ = left_pad(sequences, pad_id)
                 with torch.no_grad(), peft_model.disable_adapter():
-                    reference_logits = model.bridge(ids, attention_mask=mask)
+                    reference_logits = model.bridge(ids.to(device), attention_mask=mask)
                 real = mask.bool()
                 reference_log_probs = torch.log_softmax(reference_logits.float()[real], dim=-1)
                 kl = (reference_log_probs.exp() * (reference_log_probs - torch.log_softmax(logits.float()[real], -1))).sum(-1).mean()

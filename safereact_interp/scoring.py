@@ -15,9 +15,11 @@ and continuation tokens.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -31,6 +33,7 @@ from .errors import ConfigError
 from .activations import prefill_shared_prefix
 from .models import LoadedModel
 from .prompts import PromptSet, encode, left_pad, length_sorted_batches, render_chat
+from .training import decoder_layers, start_at_layer
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class RefusalScorer:
 
     def __init__(self, model: LoadedModel, prompts: PromptSet | Sequence[str], *,
                  config: RefusalScoreConfig = RefusalScoreConfig(), batch_size: int = 16,
-                 tail: int = 1):
+                 tail: int = 1, reuse_bytes: int = 2 ** 30):
         self.model = model
         self.config = config
         self.batch_size = batch_size
@@ -135,6 +138,12 @@ class RefusalScorer:
         self.n_refusals = len(config.refusals)
         self.batches = length_sorted_batches([len(sequence) for sequence in self.sequences], batch_size)
         self._context_cache: dict[int, tuple[DynamicCache, Tensor, Tensor]] = {}
+        # clean hidden states entering each block at the continuation tokens, per batch; kept only
+        # while they fit in `reuse_bytes` (None: not yet checked against a full pass; False: off)
+        self._entering: dict[int, list[Tensor]] = {}
+        d_model = model.d_model
+        size = len(self.sequences) * len(self.continuations) * self.longest_scored * d_model * model.n_layers * 4
+        self._skip_checked: bool | None = None if size <= reuse_bytes else False
 
     def check_tail(self, interventions: Sequence[Intervention]) -> None:
         for intervention in interventions:
@@ -174,67 +183,135 @@ class RefusalScorer:
 
         Per batch: the cached context, then the tail and the response prefix once per prompt (the
         part every continuation shares, where position-specific interventions act), then each
-        continuation from a copy of that cache.
+        continuation from a copy of that cache. When every intervention acts at readout positions,
+        the continuation tokens' states below the first hooked block are those of the clean run, so
+        the continuation pass starts at that block from the stored clean states.
         """
         self.check_tail(interventions)
         scores = torch.zeros(len(self.sequences))
+        for batch_index, batch in enumerate(self.batches):
+            per_continuation = self._score_batch(batch_index, interventions)
+            refusal = per_continuation[:, :self.n_refusals].mean(dim=-1)
+            compliance = per_continuation[:, self.n_refusals:].mean(dim=-1)
+            scores[torch.tensor(batch)] = refusal - compliance
+        return scores
+
+    def _first_hooked_block(self, interventions: Sequence[Intervention]) -> int:
+        """The lowest block that a position-specific intervention hooks (0 when the reuse does not apply)."""
+        if not interventions or self._skip_checked is False:
+            return 0
+        blocks = []
+        for intervention in interventions:
+            if intervention.positions is None:
+                return 0
+            for name, _ in intervention.hooks(torch.tensor([0]), 1, 0, self.tail):
+                match = re.match(r"blocks\.(\d+)\.", name)
+                if match is None:
+                    return 0
+                blocks.append(int(match.group(1)))
+        return min(blocks) if blocks else 0
+
+    def _clean_entering(self, batch_index: int) -> list[Tensor] | None:
+        """Hidden states entering every block at the continuation tokens of the clean run of a batch."""
+        if batch_index not in self._entering:
+            self._score_batch(batch_index, (), capture=True)
+        return self._entering.get(batch_index)
+
+    def _score_batch(self, batch_index: int, interventions: Sequence[Intervention], *, capture: bool = False
+                     ) -> Float[Tensor, "batch continuation"]:
+        # The clean pass records the states that later position-specific interventions start from.
+        capture = capture or (not interventions and self._skip_checked is not False
+                              and batch_index not in self._entering)
         n_continuations = len(self.continuations)
         pad_id = self.model.tokenizer.pad_token_id
         device = self.model.device
         scored = [continuation[self.prefix_length:] for continuation in self.continuations]
         prefix = self.continuations[0][:self.prefix_length]
-        for batch_index, batch in enumerate(self.batches):
-            cache, context_mask, context_positions = self._context(batch_index, interventions)
-            rows = torch.tensor(batch)
-            width = context_mask.shape[1] + self.tail
-            offset = context_mask.sum(-1)
+        batch = self.batches[batch_index]
+        cache, context_mask, context_positions = self._context(batch_index, interventions)
+        rows = torch.tensor(batch)
+        width = context_mask.shape[1] + self.tail
+        offset = context_mask.sum(-1)
 
-            # The tail and the response prefix: the same tokens before every continuation.
-            shared_ids = torch.tensor([self.sequences[index][-self.tail:] + prefix for index in batch], device=device)
-            shared_mask = torch.cat([context_mask, torch.ones_like(shared_ids)], dim=1)
-            positions = offset[:, None] + torch.arange(shared_ids.shape[1], device=device)[None]
-            hooks = _hooks_for(interventions, rows, 1, context_mask.shape[1], width)
-            network = self.model.hf_model if hooks else self.model.plain_model
-            with self.model.bridge.hooks(fwd_hooks=hooks):
-                first_logits = network(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions,
-                                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            first_log_probs = torch.log_softmax(first_logits.float(), dim=-1)
+        # The tail and the response prefix: the same tokens before every continuation.
+        shared_ids = torch.tensor([self.sequences[index][-self.tail:] + prefix for index in batch], device=device)
+        shared_mask = torch.cat([context_mask, torch.ones_like(shared_ids)], dim=1)
+        positions = offset[:, None] + torch.arange(shared_ids.shape[1], device=device)[None]
+        hooks = _hooks_for(interventions, rows, 1, context_mask.shape[1], width)
+        network = self.model.hf_model if hooks else self.model.plain_model
+        with self.model.bridge.hooks(fwd_hooks=hooks):
+            first_logits = network(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions,
+                                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        first_log_probs = torch.log_softmax(first_logits.float(), dim=-1)
 
-            # Each continuation's tokens after its first, fed to predict the next ones.
-            longest = max(len(tokens) for tokens in scored)
-            rest_log_probs = None
-            if longest > 1:
-                cache.batch_repeat_interleave(n_continuations)
-                rest_ids = torch.full((len(batch) * n_continuations, longest - 1), pad_id, dtype=torch.long)
-                rest_mask = torch.zeros_like(rest_ids)
-                for index, tokens in enumerate(scored):
-                    if len(tokens) > 1:
-                        rest_ids[index::n_continuations, :len(tokens) - 1] = torch.tensor(tokens[:-1])
-                        rest_mask[index::n_continuations, :len(tokens) - 1] = 1
-                rest_ids, rest_mask = rest_ids.to(device), rest_mask.to(device)
-                full_mask = torch.cat([shared_mask.repeat_interleave(n_continuations, dim=0), rest_mask], dim=1)
-                start = (offset + shared_ids.shape[1]).repeat_interleave(n_continuations)
-                positions = start[:, None] + torch.arange(longest - 1, device=device)[None]
-                hooks = _hooks_for(interventions, rows, n_continuations, shared_mask.shape[1], width,
-                                   all_positions_only=True)
-                network = self.model.hf_model if hooks else self.model.plain_model
-                with self.model.bridge.hooks(fwd_hooks=hooks):
-                    logits = network(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True).logits
-                rest_log_probs = torch.log_softmax(logits.float(), dim=-1)
-
-            per_continuation = torch.zeros(len(batch), n_continuations)
+        # Each continuation's tokens after its first, fed to predict the next ones.
+        longest = max(len(tokens) for tokens in scored)
+        rest_log_probs = None
+        if longest > 1:
+            cache.batch_repeat_interleave(n_continuations)
+            rest_ids = torch.full((len(batch) * n_continuations, longest - 1), pad_id, dtype=torch.long)
+            rest_mask = torch.zeros_like(rest_ids)
             for index, tokens in enumerate(scored):
-                targets = torch.tensor(tokens, device=device)
-                picked = [first_log_probs.gather(-1, targets[:1].expand(len(batch))[:, None])]
                 if len(tokens) > 1:
-                    picked.append(rest_log_probs[index::n_continuations][:, :len(tokens) - 1].gather(
-                        -1, targets[None, 1:, None].expand(len(batch), -1, 1)).squeeze(-1))
-                per_continuation[:, index] = torch.cat(picked, dim=1).mean(dim=-1).cpu()
-            refusal = per_continuation[:, :self.n_refusals].mean(dim=-1)
-            compliance = per_continuation[:, self.n_refusals:].mean(dim=-1)
-            scores[rows] = refusal - compliance
-        return scores
+                    rest_ids[index::n_continuations, :len(tokens) - 1] = torch.tensor(tokens[:-1])
+                    rest_mask[index::n_continuations, :len(tokens) - 1] = 1
+            rest_ids, rest_mask = rest_ids.to(device), rest_mask.to(device)
+            full_mask = torch.cat([shared_mask.repeat_interleave(n_continuations, dim=0), rest_mask], dim=1)
+            start = (offset + shared_ids.shape[1]).repeat_interleave(n_continuations)
+            positions = start[:, None] + torch.arange(longest - 1, device=device)[None]
+            hooks = _hooks_for(interventions, rows, n_continuations, shared_mask.shape[1], width,
+                               all_positions_only=True)
+            network = self.model.hf_model if hooks else self.model.plain_model
+            first_block = 0 if hooks or capture else self._first_hooked_block(interventions)
+            entering = self._clean_entering(batch_index) if first_block else None
+            check = entering is not None and self._skip_checked is None
+            if check:
+                reference = copy.deepcopy(cache)
+            inputs = dict(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions, use_cache=True)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(self.model.bridge.hooks(fwd_hooks=hooks))
+                if capture:
+                    stack.enter_context(_recording_block_inputs(network, self._entering.setdefault(batch_index, [])))
+                elif entering is not None:
+                    stack.enter_context(start_at_layer(network, first_block, entering[first_block]))
+                logits = network(past_key_values=cache, **inputs).logits
+            if check:
+                full_logits = network(past_key_values=reference, **inputs).logits
+                real = rest_mask.bool()
+                self._skip_checked = bool(torch.allclose(logits[real], full_logits[real], atol=1e-4, rtol=1e-4))
+                if not self._skip_checked:
+                    logger.info("starting the continuation pass at block %d does not reproduce the full pass of "
+                                "this model; scoring with full passes", first_block)
+                    self._entering.clear()
+                    logits = full_logits
+            rest_log_probs = torch.log_softmax(logits.float(), dim=-1)
+
+        per_continuation = torch.zeros(len(batch), n_continuations)
+        for index, tokens in enumerate(scored):
+            targets = torch.tensor(tokens, device=device)
+            picked = [first_log_probs.gather(-1, targets[:1].expand(len(batch))[:, None])]
+            if len(tokens) > 1:
+                picked.append(rest_log_probs[index::n_continuations][:, :len(tokens) - 1].gather(
+                    -1, targets[None, 1:, None].expand(len(batch), -1, 1)).squeeze(-1))
+            per_continuation[:, index] = torch.cat(picked, dim=1).mean(dim=-1).cpu()
+        return per_continuation
+
+
+@contextlib.contextmanager
+def _recording_block_inputs(network: torch.nn.Module, into: list[Tensor]):
+    """Append the hidden states entering each transformer block of `network` to `into`, in block order."""
+    handles = []
+
+    def record(module, args, kwargs):
+        into.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone())
+
+    for block in decoder_layers(network):
+        handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def refusal_scores(model: LoadedModel, prompts: PromptSet | Sequence[str], *,
@@ -469,12 +546,14 @@ def evaluate_model(model: LoadedModel, refusal_sets: dict[str, PromptSet], capab
 def kl_divergence(model: LoadedModel, reference: LoadedModel, prompts: PromptSet | Sequence[str],
                   responses: Sequence[str] | None = None, *, batch_size: int = 16,
                   system_prompt: str | None = None,
-                  interventions: Sequence[Intervention] = ()) -> float:
+                  interventions: Sequence[Intervention] = (), reference_cache: dict | None = None) -> float:
     """Mean KL(reference || model) of next-token distributions on benign text.
 
     The text is each rendered prompt followed by `responses` (for example the reference model's
     own answers) when given; the mean runs over the response tokens, or over all prompt tokens
-    when there are no responses.
+    when there are no responses. Logits are computed only where they are scored. Pass the same
+    `reference_cache` dict to several calls to compute the reference model's distributions once;
+    it is refilled when the reference, prompts or responses change.
     """
     texts = prompts.texts if isinstance(prompts, PromptSet) else list(prompts)
     rendered = render_chat(model.tokenizer, texts, system_prompt=system_prompt)
@@ -484,28 +563,41 @@ def kl_divergence(model: LoadedModel, reference: LoadedModel, prompts: PromptSet
     else:
         answer_ids = [[] for _ in texts]
     sequences = [prompt + answer for prompt, answer in zip(prompt_ids, answer_ids)]
+    if reference_cache is not None:
+        signature = (id(reference), tuple(map(tuple, sequences)))
+        if reference_cache.get("signature") != signature:
+            reference_cache.clear()
+            reference_cache["signature"] = signature
     total, count = 0.0, 0
-    for batch in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
+    for batch_index, batch in enumerate(length_sorted_batches([len(sequence) for sequence in sequences], batch_size)):
         ids, mask = left_pad([sequences[index] for index in batch], model.tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         positions = _positions_from_mask(mask)
-        # Score the positions that predict the response tokens (all prompt positions without responses).
-        score_mask = torch.zeros_like(mask, dtype=torch.bool)
-        for row, index in enumerate(batch):
-            n_answer = len(answer_ids[index])
+        width = ids.shape[1]
+        # Score the positions that predict the response tokens (all prompt positions without responses):
+        # with left padding they are the last columns, so only those need logits.
+        lengths = [len(answer_ids[index]) for index in batch]
+        kept = max(lengths) + 1 if all(lengths) else width
+        score_mask = torch.zeros((len(batch), kept), dtype=torch.bool, device=ids.device)
+        for row, n_answer in enumerate(lengths):
             if n_answer:
-                score_mask[row, ids.shape[1] - n_answer - 1:ids.shape[1] - 1] = True
+                score_mask[row, kept - n_answer - 1:kept - 1] = True
             else:
-                score_mask[row] = mask[row].bool()
-        reference_logits = reference.plain_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        hooks = _hooks_for(interventions, torch.tensor(batch), 1, 0, ids.shape[1], all_positions_only=True)
+                score_mask[row] = mask[row, width - kept:].bool()
+        reference_log_probs = reference_cache.get(batch_index) if reference_cache is not None else None
+        if reference_log_probs is None:
+            reference_logits = reference.plain_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                                     logits_to_keep=kept).logits
+            reference_log_probs = torch.log_softmax(reference_logits.float(), dim=-1)[score_mask]
+            if reference_cache is not None:
+                reference_cache[batch_index] = reference_log_probs
+        hooks = _hooks_for(interventions, torch.tensor(batch), 1, 0, width, all_positions_only=True)
         network = model.hf_model if hooks else model.plain_model
         with model.bridge.hooks(fwd_hooks=hooks):
-            logits = network(input_ids=ids.to(model.device), attention_mask=mask, position_ids=positions).logits
-        reference_log_probs = torch.log_softmax(reference_logits.float(), dim=-1)
-        log_probs = torch.log_softmax(logits.float().to(reference_log_probs.device), dim=-1)
+            logits = network(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=kept).logits
+        log_probs = torch.log_softmax(logits.float().to(reference_log_probs.device), dim=-1)[score_mask]
         kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1)
-        total += float(kl[score_mask].sum())
+        total += float(kl.sum())
         count += int(score_mask.sum())
     return total / max(count, 1)
 

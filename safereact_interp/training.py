@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 import random
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import PreTrainedModel
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
+from transformers import DynamicCache, PreTrainedModel
 
 from .artifacts import atomic_write_text, save_tensors
 from .errors import ConfigError
-from .prompts import encode, left_pad, render_chat
+from .prompts import encode, left_pad, length_sorted_batches, render_chat, shared_prefix_length, split_shared_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -169,34 +170,49 @@ def hidden_entering(hf_model: torch.nn.Module, sequences: Sequence[Sequence[int]
                     pad_id: int, batch_size: int = 16, left: bool = True) -> list[torch.Tensor]:
     """Compute the hidden state entering block `layer` at every token of each sequence.
 
-    The passes stop after block `layer - 1`. Batches are padded on the side that training pads
-    (`left`), and each result comes back without its padding.
+    The passes stop after block `layer - 1`. Batches are grouped by length and padded on the side
+    that training pads (`left`); with left padding the prompt prefix that a batch shares runs once.
+    Each result comes back without its padding, in the order of `sequences`.
     """
     blocks = decoder_layers(hf_model)
-    captured: dict[str, torch.Tensor] = {}
+    captured: list[torch.Tensor] = []
 
     def stop(module, args, output):
-        captured["hidden"] = _layer_output(output)
+        captured.append(_layer_output(output))
         raise _StopForward
+
+    def run(**inputs) -> torch.Tensor:
+        try:
+            hf_model(**inputs)
+        except _StopForward:
+            pass
+        return captured.pop().detach()
 
     device = next(hf_model.parameters()).device
     handle = blocks[layer - 1].register_forward_hook(stop)
-    results: list[torch.Tensor] = []
+    results: list[torch.Tensor | None] = [None] * len(sequences)
     try:
-        for start in range(0, len(sequences), batch_size):
-            chunk = [list(sequence) for sequence in sequences[start:start + batch_size]]
-            if left:
-                ids, mask = left_pad(chunk, pad_id)
-            else:
+        for batch in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
+            chunk = [list(sequences[index]) for index in batch]
+            if not left:
                 ids, mask, _ = collate_right_padded([(sequence, sequence) for sequence in chunk], pad_id)
-            try:
-                hf_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _StopForward:
-                pass
-            hidden = captured.pop("hidden").detach()
-            for row, sequence in enumerate(chunk):
-                columns = slice(ids.shape[1] - len(sequence), None) if left else slice(0, len(sequence))
-                results.append(hidden[row, columns].clone())
+                hidden = run(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                for row, index in enumerate(batch):
+                    results[index] = hidden[row, :len(chunk[row])].clone()
+                continue
+            shared = shared_prefix_length(chunk)
+            prefix, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(chunk, shared, pad_id))
+            cache = None
+            if shared:
+                cache = DynamicCache()
+                prefix_hidden = run(input_ids=prefix, position_ids=positions.new_tensor(range(shared))[None],
+                                    past_key_values=cache, use_cache=True)[0]
+                cache.batch_repeat_interleave(len(chunk))
+            hidden = run(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=cache is not None)
+            for row, index in enumerate(batch):
+                rest = hidden[row, ids.shape[1] - (len(chunk[row]) - shared):]
+                results[index] = torch.cat([prefix_hidden, rest]) if shared else rest.clone()
     finally:
         handle.remove()
     return results
@@ -292,15 +308,59 @@ def collate_right_padded(items: Sequence[tuple[list[int], list[int]]], pad_id: i
     return input_ids, mask, labels
 
 
+def left_pad_labels(labels: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Left-pad label lists with -100 (ignored by the loss), aligned with `left_pad`'s ids."""
+    width = max(len(row) for row in labels)
+    padded = torch.full((len(labels), width), -100, dtype=torch.long)
+    for index, row in enumerate(labels):
+        if len(row):
+            padded[index, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+    return padded
+
+
+def logits_needed(labels: torch.Tensor) -> int:
+    """How many final columns of a left-padded batch need logits: from the column before the
+    first labelled token of any row to the end."""
+    labelled = labels != -100
+    width = labels.shape[1]
+    first = torch.where(labelled.any(dim=1), labelled.float().argmax(dim=1), torch.full_like(labels[:, 0], width))
+    return max(2, min(width, width - int(first.min()) + 1))
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens, where `logits` belong to the last
+    `logits.shape[1]` columns of the left-padded `labels`."""
+    kept = logits.shape[1]
+    targets = labels[:, labels.shape[1] - kept + 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1), ignore_index=-100)
+
+
+def prefix_cache(network: torch.nn.Module, prefix: torch.Tensor, rows: int) -> DynamicCache:
+    """Run a token prefix that every row shares once, as a batch of one (with gradients when
+    training), and return its key/value cache repeated for `rows` rows."""
+    cache = DynamicCache()
+    try:
+        network(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                position_ids=torch.arange(prefix.shape[1], device=prefix.device)[None], past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    except StopAtLayerException:
+        pass  # a hook ended the pass after the deepest layer that the caller reads
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: int, batch_size: int = 8,
               learning_rate: float = 5e-4, seed: int = 0, system_prompt: str | None = None,
               on_step: Callable[[int, float], None] | None = None, frozen_below: int = 0) -> SFTResult:
     """Fine-tune the LoRA weights with cross-entropy on the response tokens.
 
     Batches are drawn by a seeded shuffle that cycles through the examples; the learning rate
-    decays linearly to zero over `steps`. `frozen_below` > 0 means that the blocks below it carry no
-    adapter: their output is computed once per example and each step starts there (see
-    `start_at_layer`).
+    decays linearly to zero over `steps`. Each step runs the chat template's prefix, which every
+    example shares, once, and computes logits only where responses are. `frozen_below` > 0 means
+    that the blocks below it carry no adapter: their output is computed once per example and each
+    step starts there (see `start_at_layer`). The first step checks these shortcuts against a
+    plain forward pass and drops them if the loss differs.
     """
     import time
 
@@ -309,6 +369,12 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     if not examples:
         raise ConfigError("no training examples given")
     items = tokenize_examples(tokenizer, examples, system_prompt=system_prompt)
+    sequences = [ids for ids, _ in items]
+    prompt_lengths = [next((column for column, label in enumerate(labels) if label != -100), len(labels))
+                      for _, labels in items]
+    # The shared prefix ends before the first response token of every example.
+    shared = max(0, min(shared_prefix_length(sequences), min(prompt_lengths) - 1))
+    pad_id = tokenizer.pad_token_id
     parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
@@ -320,10 +386,10 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     hidden = None
     if frozen_below > 0:
         try:
-            hidden = hidden_entering(peft_model, [ids for ids, _ in items], frozen_below,
-                                     pad_id=tokenizer.pad_token_id, left=False)
+            hidden = hidden_entering(peft_model, sequences, frozen_below, pad_id=pad_id, left=True)
         except ConfigError as error:
             logger.info("training with full passes: %s", error)
+    shortcut = True
     peft_model.train()
     for step in range(steps):
         if len(order) < batch_size:
@@ -331,22 +397,34 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
             rng.shuffle(shuffled)
             order.extend(shuffled)
         rows = order[:batch_size]
-        batch = [items[index] for index in rows]
         del order[:batch_size]
-        input_ids, mask, labels = (tensor.to(device) for tensor in collate_right_padded(batch, tokenizer.pad_token_id))
 
-        def forward(shortcut: bool):
-            if not shortcut:
-                return peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            with start_at_layer(peft_model, frozen_below, pad_hidden([hidden[index] for index in rows],
-                                                                     input_ids.shape[1], left=False)):
-                return peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        def forward(short: bool) -> torch.Tensor:
+            if not short:
+                ids, mask = left_pad([sequences[index] for index in rows], pad_id)
+                labels = left_pad_labels([items[index][1] for index in rows]).to(device)
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                logits = peft_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    position_ids=positions.to(device), logits_to_keep=logits_needed(labels)).logits
+                return response_loss(logits, labels)
+            prefix, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(
+                [sequences[index] for index in rows], shared, pad_id))
+            labels = left_pad_labels([items[index][1][shared:] for index in rows]).to(device)
+            cache = prefix_cache(peft_model, prefix, len(rows)) if shared else None
+            context = nullcontext()
+            if hidden is not None:
+                context = start_at_layer(peft_model, frozen_below,
+                                         pad_hidden([hidden[index][shared:] for index in rows], ids.shape[1]))
+            with context:
+                logits = peft_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                    use_cache=cache is not None, logits_to_keep=logits_needed(labels)).logits
+            return response_loss(logits, labels)
 
-        if hidden is not None and step == 0 and not shortcut_matches(forward, lambda value: value):
-            logger.info("starting at block %d does not reproduce the full pass of this model; training "
-                        "with full passes", frozen_below)
-            hidden = None
-        loss = forward(hidden is not None)
+        if step == 0 and (shared or hidden is not None) and not shortcut_matches(forward, lambda value: value):
+            logger.info("the shared prefix or the start at block %d does not reproduce the full pass of this "
+                        "model; training with full passes", frozen_below)
+            shortcut = False
+        loss = forward(shortcut and (shared > 0 or hidden is not None))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()

@@ -145,8 +145,10 @@ def causal_checks(post: LoadedModel, repaired: LoadedModel, prompts: PromptSet, 
 def evaluate_with_kl(model: LoadedModel, post: LoadedModel, prompts: EvalPrompts, refusal_sets: dict[str, PromptSet],
                      generation: GenerationConfig, post_evaluation: ModelEvaluation | None, *, name: str,
                      interventions: Sequence[Intervention] = (), judge: Judge | None = None,
-                     kl_prompts: int = 48, progress: ProgressFactory = no_progress) -> ModelEvaluation:
-    """Evaluate a model and add its KL to the post-trained model on harmless prompts (+ P's answers)."""
+                     kl_prompts: int = 48, progress: ProgressFactory = no_progress,
+                     reference_cache: dict | None = None) -> ModelEvaluation:
+    """Evaluate a model and add its KL to the post-trained model on harmless prompts (+ P's answers).
+    `reference_cache` keeps the post-trained model's distributions between calls (see `kl_divergence`)."""
     total = sum(len(prompt_set) for prompt_set in refusal_sets.values()) + len(prompts.capability_test)
     with progress(f"generations of {name}", total) as advance:
         evaluation = evaluate_model(model, refusal_sets, prompts.capability_test, judge=judge, generation=generation,
@@ -158,7 +160,7 @@ def evaluate_with_kl(model: LoadedModel, post: LoadedModel, prompts: EvalPrompts
         if all(prompt.id in by_id for prompt in harmless):
             responses = [by_id[prompt.id] for prompt in harmless]
     kl = kl_divergence(model, post, harmless, responses, system_prompt=generation.system_prompt,
-                       interventions=interventions)
+                       interventions=interventions, reference_cache=reference_cache)
     return ModelEvaluation(model=evaluation.model, refusal_rate=evaluation.refusal_rate,
                            refusal_rate_whole_text=evaluation.refusal_rate_whole_text,
                            capability_accuracy=evaluation.capability_accuracy, records=evaluation.records,

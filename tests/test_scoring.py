@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from safereact_interp.prompts import bundled_prompts, encode, render_chat
@@ -114,3 +115,27 @@ def test_shared_prefix_length():
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # one token of each row is kept
     assert shared_prefix_length([[1, 2], [3, 4]]) == 0
     assert shared_prefix_length([[7]]) == 0
+
+
+def test_kl_matches_one_prompt_at_a_time_and_reuses_the_reference(planted_pair):
+    from safereact_interp.prompts import encode, render_chat
+
+    base, post = planted_pair.base, planted_pair.post
+    texts = bundled_prompts("harmless").test.texts[:5]
+    answers = ["Yes.", "Here is a longer answer with more words.", "No", "A medium answer here.", "Fine."]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt_ids, answer in zip(encode(post.tokenizer, render_chat(post.tokenizer, texts)), answers):
+            answer_ids = post.tokenizer(answer, add_special_tokens=False).input_ids
+            ids = torch.tensor([prompt_ids + answer_ids])
+            scored = slice(len(prompt_ids) - 1, ids.shape[1] - 1)
+            reference = torch.log_softmax(post.hf_model(ids).logits[0, scored].float(), -1)
+            mine = torch.log_softmax(base.hf_model(ids).logits[0, scored].float(), -1)
+            total += float((reference.exp() * (reference - mine)).sum())
+            count += len(answer_ids)
+    cache: dict = {}
+    first = kl_divergence(base, post, texts, answers, batch_size=3, reference_cache=cache)
+    assert first == pytest.approx(total / count, rel=1e-4)
+    assert sorted(key for key in cache if key != "signature") == [0, 1]
+    assert kl_divergence(base, post, texts, answers, batch_size=3, reference_cache=cache) == pytest.approx(first, rel=1e-6)
+    assert kl_divergence(post, post, texts, answers, batch_size=3, reference_cache=cache) == pytest.approx(0.0, abs=1e-6)
