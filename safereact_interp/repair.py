@@ -39,8 +39,8 @@ from .directions import Directions
 from .errors import ConfigError, RunFolderError
 from .models import LoadedModel, load_unwrapped, wrap_model
 from .prompts import PromptSet, left_pad, length_sorted_batches, shared_prefix_length, split_shared_prefix
-from .training import (LoraSettings, add_lora, count_parameters, lora_parameters, pad_hidden, prefix_cache,
-                       save_adapter, shortcut_matches, start_at_layer)
+from .training import (FrozenPrefix, LoraSettings, add_lora, count_parameters, frozen_prefix, lora_parameters,
+                       pad_hidden, prefix_cache, save_adapter, shortcut_matches, start_at_layer)
 
 logger = logging.getLogger(__name__)
 
@@ -177,51 +177,37 @@ def _capture_layers(model: LoadedModel, ids: Tensor, mask: Tensor, layers: Seque
     return captured, (logits if need_logits else None)
 
 
-def _forward(model: LoadedModel, sequences: list[list[int]], layers: Sequence[int], hidden: list[Tensor] | None,
-             rows: list[int], first: int, *, shared: int = 0, need_logits: bool = False
+def _forward(model: LoadedModel, sequences: list[list[int]], layers: Sequence[int], entering: list[Tensor] | None,
+             first: int, *, prefix: FrozenPrefix | None = None, need_logits: bool = False
              ) -> tuple[dict[int, Tensor], Tensor | None, Tensor]:
     """Forward pass with gradients over `sequences`, returning the residual stream after `layers`
     ([batch, column, d]), the logits if asked, and the attention mask of those columns.
 
-    Without `hidden`, the batch is left-padded and runs from the embeddings. With `hidden` (the
-    stored hidden states entering block `first`), the pass starts at that block, and when `shared`
-    > 0 the first `shared` tokens, which every sequence has, run once as a batch of one: the
+    Without `entering`, the batch is left-padded and runs from the embeddings. With `entering`
+    (each sequence's stored hidden states entering block `first`), the pass starts at that block,
+    and with `prefix` the tokens that every sequence starts with run once as a batch of one: the
     columns are then the shared prefix, padding, and each row's own tokens.
     """
     device = model.device
     pad_id = model.tokenizer.pad_token_id
-    if hidden is None:
+    if entering is None or prefix is None or need_logits:
         ids, mask = left_pad(sequences, pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        captured, logits = _capture_layers(model, ids, mask, layers, need_logits=need_logits)
-        return captured, logits, mask
-    if not shared or need_logits:
-        ids, mask = left_pad(sequences, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        entering = pad_hidden([hidden[index] for index in rows], ids.shape[1]).to(device)
-        with start_at_layer(model.hf_model, first, entering):
+        if entering is None:
             captured, logits = _capture_layers(model, ids, mask, layers, need_logits=need_logits)
+        else:
+            with start_at_layer(model.hf_model, first, pad_hidden(entering, ids.shape[1]).to(device)):
+                captured, logits = _capture_layers(model, ids, mask, layers, need_logits=need_logits)
         return captured, logits, mask
 
-    prefix, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(sequences, shared, pad_id))
-    deepest = max(layers)
-
-    def capturing(into: dict[int, Tensor]) -> list:
-        def make_hook(layer: int):
-            def hook(activation: Tensor, hook) -> Tensor:
-                into[layer] = activation
-                if layer == deepest:
-                    raise StopAtLayerException(activation)
-                return activation
-            return hook
-        return [(resid_hook_name(layer), make_hook(layer)) for layer in layers]
-
+    shared = prefix.ids.shape[1]
+    _, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(sequences, shared, pad_id))
     in_prefix: dict[int, Tensor] = {}
     in_rest: dict[int, Tensor] = {}
-    with model.bridge.hooks(fwd_hooks=capturing(in_prefix)):
+    with model.bridge.hooks(fwd_hooks=_capturing(layers, in_prefix)):
         cache = prefix_cache(model.hf_model, prefix, len(sequences))
-    entering = pad_hidden([hidden[index][shared:] for index in rows], ids.shape[1]).to(device)
-    with start_at_layer(model.hf_model, first, entering), model.bridge.hooks(fwd_hooks=capturing(in_rest)):
+    rest = pad_hidden([values[shared:] for values in entering], ids.shape[1]).to(device)
+    with start_at_layer(model.hf_model, first, rest), model.bridge.hooks(fwd_hooks=_capturing(layers, in_rest)):
         try:
             model.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                            use_cache=True, logits_to_keep=1)
@@ -232,6 +218,21 @@ def _forward(model: LoadedModel, sequences: list[list[int]], layers: Sequence[in
     return captured, None, mask
 
 
+def _capturing(layers: Sequence[int], into: dict[int, Tensor]) -> list:
+    """Hooks that store the residual stream after each of `layers` in `into` and end the pass after the deepest."""
+    deepest = max(layers)
+
+    def make_hook(layer: int):
+        def hook(activation: Tensor, hook) -> Tensor:
+            into[layer] = activation
+            if layer == deepest:
+                raise StopAtLayerException(activation)
+            return activation
+        return hook
+
+    return [(resid_hook_name(layer), make_hook(layer)) for layer in layers]
+
+
 def _post_passes(post: LoadedModel, sequences: list[list[int]], layers: Sequence[int], first: int,
                  batch_size: int) -> tuple[list[Tensor], list[Tensor] | None]:
     """Run the post-trained model once over each sequence and return its activations at `layers`
@@ -239,27 +240,17 @@ def _post_passes(post: LoadedModel, sequences: list[list[int]], layers: Sequence
 
     Batches are grouped by length, and the prompt prefix that a batch shares runs once."""
     captured_layers = sorted(set(layers) | ({first - 1} if first > 0 else set()))
-    deepest = max(captured_layers)
     activations: list[Tensor | None] = [None] * len(sequences)
     entering: list[Tensor | None] | None = [None] * len(sequences) if first > 0 else None
-
-    def capturing(into: dict[int, Tensor]) -> list:
-        def make_hook(layer: int):
-            def hook(activation: Tensor, hook) -> Tensor:
-                into[layer] = activation
-                if layer == deepest:
-                    raise StopAtLayerException(activation)
-                return activation
-            return hook
-        return [(resid_hook_name(layer), make_hook(layer)) for layer in captured_layers]
 
     with torch.inference_mode():
         for batch in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
             chunk = [sequences[index] for index in batch]
             in_prefix: dict[int, Tensor] = {}
             in_rest: dict[int, Tensor] = {}
-            cache, ids, mask, positions = prefill_shared_prefix(post, post.hf_model, chunk, capturing(in_prefix))
-            with post.bridge.hooks(fwd_hooks=capturing(in_rest)):
+            cache, ids, mask, positions = prefill_shared_prefix(post, post.hf_model, chunk,
+                                                                _capturing(captured_layers, in_prefix))
+            with post.bridge.hooks(fwd_hooks=_capturing(captured_layers, in_rest)):
                 try:
                     post.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                   use_cache=True, logits_to_keep=1)
@@ -451,6 +442,8 @@ def repair(
     # Readout positions stay out of the shared prefix; the KL term needs logits at every column.
     shared = 0 if need_logits else shared_prefix_length(targets.harmful_ids + targets.retain_ids,
                                                         keep=max(1, -min(positions)))
+    prefix = frozen_prefix(model.hf_model, targets.harmful_ids[0][:shared], first) if shared and shortcut else None
+    logger.debug("training from block %d; %d prompt tokens shared by every sequence", first, shared)
     device = model.device
     started = time.perf_counter()
     model.hf_model.train()
@@ -462,34 +455,43 @@ def repair(
                 group["lr"] = config.learning_rate * (1.0 - step / config.steps)
 
             rows = batch_indices(len(targets.harmful_ids), config.batch_size, step, config.seed)
+            retain_rows = batch_indices(len(targets.retain_ids), config.batch_size, step, config.seed + 1)
             harmful_batch = [targets.harmful_ids[index] for index in rows]
+            retain_batch = [targets.retain_ids[index] for index in retain_rows]
 
-            def harmful_pass(short: bool):
-                return _forward(model, harmful_batch, layers, targets.harmful_hidden if short else None, rows, first,
-                                shared=shared)
+            def passes(short: bool):
+                """(harmful, retain) results; on the shortcut both batches share one pass."""
+                if not short:
+                    return (_forward(model, harmful_batch, layers, None, first),
+                            _forward(model, retain_batch, layers, None, first, need_logits=need_logits))
+                entering = ([targets.harmful_hidden[index] for index in rows]
+                            + [targets.retain_hidden[index] for index in retain_rows])
+                if need_logits:
+                    return (_forward(model, harmful_batch, layers, entering[:len(rows)], first),
+                            _forward(model, retain_batch, layers, entering[len(rows):], first, need_logits=True))
+                captured, _, mask = _forward(model, harmful_batch + retain_batch, layers, entering, first,
+                                             prefix=prefix)
+                split = len(rows)
+                return (({layer: values[:split] for layer, values in captured.items()}, None, mask[:split]),
+                        ({layer: values[split:] for layer, values in captured.items()}, None, mask[split:]))
 
-            def real_tokens(result):
-                return [result[0][layer][result[2].bool()] for layer in layers]
+            def real_tokens(results):
+                return [result[0][layer][result[2].bool()] for result in results for layer in layers]
 
-            if step == start_step and shortcut and not shortcut_matches(harmful_pass, real_tokens):
+            if step == start_step and shortcut and not shortcut_matches(passes, real_tokens):
                 logger.info("starting at block %d with a shared prefix does not reproduce the full pass of this "
                             "model; training with full passes", first)
                 shortcut = False
-            current, _, mask = harmful_pass(shortcut)
+            (current, _, mask), (retained, logits, retain_mask) = passes(shortcut)
             align = alignment_loss(current, rows, current[layers[0]].shape[1], targets, config, positions)
-
-            retain_rows = batch_indices(len(targets.retain_ids), config.batch_size, step, config.seed + 1)
-            sequences = [targets.retain_ids[index] for index in retain_rows]
-            current, logits, mask = _forward(model, sequences, layers, targets.retain_hidden if shortcut else None,
-                                             retain_rows, first, shared=shared, need_logits=need_logits)
-            keep = retain_loss(current, retain_rows, mask, targets, config)
+            keep = retain_loss(retained, retain_rows, retain_mask, targets, config)
             loss = config.align_weight * align + config.retain_weight * keep
             kl_value = 0.0
             if need_logits:
-                ids, _ = left_pad(sequences, pad_id)
+                ids, _ = left_pad(retain_batch, pad_id)
                 with torch.no_grad(), peft_model.disable_adapter():
-                    reference_logits = model.bridge(ids.to(device), attention_mask=mask)
-                real = mask.bool()
+                    reference_logits = model.bridge(ids.to(device), attention_mask=retain_mask)
+                real = retain_mask.bool()
                 reference_log_probs = torch.log_softmax(reference_logits.float()[real], dim=-1)
                 kl = (reference_log_probs.exp() * (reference_log_probs - torch.log_softmax(logits.float()[real], -1))).sum(-1).mean()
                 loss = loss + config.kl_weight * kl

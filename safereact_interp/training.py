@@ -336,16 +336,65 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              targets.reshape(-1), ignore_index=-100)
 
 
-def prefix_cache(network: torch.nn.Module, prefix: torch.Tensor, rows: int) -> DynamicCache:
-    """Run a token prefix that every row shares once, as a batch of one (with gradients when
-    training), and return its key/value cache repeated for `rows` rows."""
+@dataclass
+class FrozenPrefix:
+    """A token prefix that every training sequence shares, with what the frozen blocks below
+    `first` make of it: their keys and values, and the hidden state entering block `first`."""
+
+    ids: torch.Tensor  # [1, prefix]
+    first: int
+    lower: list[tuple[torch.Tensor, torch.Tensor]]
+    entering: torch.Tensor | None  # [1, prefix, d]
+
+
+@torch.no_grad()
+def frozen_prefix(network: torch.nn.Module, ids: Sequence[int], first: int) -> FrozenPrefix:
+    """Run `ids` through the blocks below `first` once; training steps then start the prefix at `first`."""
+    device = next(network.parameters()).device
+    prefix = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    if first == 0:
+        return FrozenPrefix(prefix, 0, [], None)
+    captured: list[torch.Tensor] = []
+
+    def stop(module, args, output):
+        captured.append(_layer_output(output))
+        raise _StopForward
+
     cache = DynamicCache()
+    handle = decoder_layers(network)[first - 1].register_forward_hook(stop)
     try:
-        network(input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                position_ids=torch.arange(prefix.shape[1], device=prefix.device)[None], past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    except StopAtLayerException:
-        pass  # a hook ended the pass after the deepest layer that the caller reads
+        network(input_ids=prefix, position_ids=torch.arange(prefix.shape[1], device=device)[None],
+                past_key_values=cache, use_cache=True)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    lower = [(cache.layers[index].keys, cache.layers[index].values) for index in range(first)]
+    return FrozenPrefix(prefix, first, lower, captured[0].detach())
+
+
+def prefix_cache(network: torch.nn.Module, prefix: torch.Tensor | FrozenPrefix, rows: int) -> DynamicCache:
+    """Run a token prefix that every row shares once, as a batch of one (with gradients when
+    training), and return its key/value cache repeated for `rows` rows.
+
+    With a `FrozenPrefix` the pass starts at its first block, and the stored keys and values of
+    the blocks below are put into the cache after the pass (before it, they would make the model
+    count the prefix as already seen)."""
+    frozen = prefix if isinstance(prefix, FrozenPrefix) else None
+    ids = frozen.ids if frozen is not None else prefix
+    cache = DynamicCache()
+    context = nullcontext()
+    if frozen is not None and frozen.first > 0:
+        context = start_at_layer(network, frozen.first, frozen.entering)
+    with context:
+        try:
+            network(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    position_ids=torch.arange(ids.shape[1], device=ids.device)[None], past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        except StopAtLayerException:
+            pass  # a hook ended the pass after the deepest layer that the caller reads
+    for index, (keys, values) in enumerate(frozen.lower if frozen is not None else []):
+        cache.update(keys, values, index)
     cache.batch_repeat_interleave(rows)
     return cache
 
@@ -389,6 +438,9 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
             hidden = hidden_entering(peft_model, sequences, frozen_below, pad_id=pad_id, left=True)
         except ConfigError as error:
             logger.info("training with full passes: %s", error)
+    prefix = None
+    if shared:
+        prefix = frozen_prefix(peft_model, sequences[0][:shared], frozen_below if hidden is not None else 0)
     shortcut = True
     peft_model.train()
     for step in range(steps):
@@ -407,10 +459,10 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
                 logits = peft_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                     position_ids=positions.to(device), logits_to_keep=logits_needed(labels)).logits
                 return response_loss(logits, labels)
-            prefix, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(
+            _, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(
                 [sequences[index] for index in rows], shared, pad_id))
             labels = left_pad_labels([items[index][1][shared:] for index in rows]).to(device)
-            cache = prefix_cache(peft_model, prefix, len(rows)) if shared else None
+            cache = prefix_cache(peft_model, prefix, len(rows)) if prefix is not None else None
             context = nullcontext()
             if hidden is not None:
                 context = start_at_layer(peft_model, frozen_below,

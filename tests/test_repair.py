@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -124,10 +125,24 @@ def test_start_at_layer_matches_full_pass(planted_pair, repair_inputs):
 def test_repair_uses_layer_shortcut(planted_pair, planted_post_dir, repair_inputs, tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="safereact_interp"):
+    with caplog.at_level(logging.DEBUG, logger="safereact_interp"):
         result = run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "r", config={"steps": 2})
     assert len(result.log) == 2
     assert "does not reproduce the full pass" not in caplog.text
+    shared = re.search(r"(\d+) prompt tokens shared by every sequence", caplog.text)
+    assert shared and int(shared.group(1)) > 0
+
+
+def test_repair_shortcut_gives_the_losses_of_full_passes(planted_pair, planted_post_dir, repair_inputs, tmp_path,
+                                                          monkeypatch):
+    from safereact_interp import repair as repair_module
+
+    short = run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "short", config={"steps": 3})
+    monkeypatch.setattr(repair_module, "shortcut_matches", lambda forward, values: False)
+    full = run_repair(planted_pair, planted_post_dir, repair_inputs, tmp_path / "full", config={"steps": 3})
+    for one, two in zip(short.log, full.log):
+        assert one["align_loss"] == pytest.approx(two["align_loss"], rel=1e-4)
+        assert one["retain_loss"] == pytest.approx(two["retain_loss"], rel=1e-3, abs=1e-7)
 
 
 def test_shortcut_mismatch_detected():
