@@ -97,8 +97,8 @@ def rendered_ids(model: LoadedModel, prompts: PromptSet | Sequence[str], *,
     return encode(model.tokenizer, rendered)
 
 
-def prefill_shared_prefix(model: LoadedModel, network: torch.nn.Module, sequences: Sequence[Sequence[int]],
-                          prefix_hooks: Sequence = (), *, keep: int = 1
+def prefill_shared_prefix(model: LoadedModel, sequences: Sequence[Sequence[int]], prefix_hooks: Sequence = (), *,
+                          keep: int = 1
                           ) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:
     """Run the token prefix that all `sequences` share once, as a batch of one, into a key/value cache
     repeated for every row.
@@ -117,7 +117,7 @@ def prefill_shared_prefix(model: LoadedModel, network: torch.nn.Module, sequence
         sequences, shared, model.tokenizer.pad_token_id))
     cache = DynamicCache()
     if shared:
-        with model.bridge.hooks(fwd_hooks=list(prefix_hooks)):
+        with model.hooked(list(prefix_hooks)) as network:
             try:
                 network(input_ids=prefix, attention_mask=torch.ones_like(prefix),
                         position_ids=torch.arange(shared, device=device)[None], past_key_values=cache,
@@ -173,7 +173,7 @@ def collect_activations(
         if stop_after is not None:
             prefix_hooks.append((stop_after, stop))
         cache, ids, mask, position_ids = prefill_shared_prefix(
-            model, model.hf_model, [sequences[index] for index in batch], prefix_hooks, keep=keep)
+            model, [sequences[index] for index in batch], prefix_hooks, keep=keep)
         width, prompt_end = ids.shape[1], mask.shape[1]
         captured: dict[str, Tensor] = {}
 
@@ -188,9 +188,9 @@ def collect_activations(
         hooks = [hook for intervention in interventions
                  for hook in intervention.hooks(rows, 1, prompt_end - width, prompt_end)]
         hooks += [(name, make_hook(name)) for name in hook_names]
-        with model.bridge.hooks(fwd_hooks=hooks):
+        with model.hooked(hooks) as network:
             try:
-                model.hf_model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                network(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                past_key_values=cache, use_cache=True, logits_to_keep=1)
             except StopAtLayerException:
                 pass

@@ -85,6 +85,40 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
 
+    @contextmanager
+    def hooked(self, hooks: list | tuple = ()) -> Iterator[torch.nn.Module]:
+        """Yield the module to call with TransformerLens-named `hooks` ((name, function) pairs) active.
+
+        Hooks on the residual stream after a block (`blocks.{l}.hook_resid_post`) run as PyTorch
+        forward hooks on `plain_model`, which skips the bridge's per-module wrappers; any other hook
+        name runs through the bridge on `hf_model`. The functions get the activation and an object
+        with the hook's `name`.
+        """
+        if not hooks:
+            yield self.plain_model
+            return
+        layers = [_RESID_POST.fullmatch(name) for name, _ in hooks]
+        plain = self.plain_model
+        if plain is self.hf_model or not all(layers):
+            with self.bridge.hooks(fwd_hooks=list(hooks)):
+                yield self.hf_model
+            return
+        from .training import decoder_layers
+
+        blocks = decoder_layers(plain)
+        handles = []
+        for (name, function), match in zip(hooks, layers):
+            def forward_hook(module, args, output, function=function, point=_HookName(name)):
+                if isinstance(output, tuple):
+                    return (function(output[0], point),) + tuple(output[1:])
+                return function(output, point)
+            handles.append(blocks[int(match.group(1))].register_forward_hook(forward_hook))
+        try:
+            yield plain
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def clean_state_dict(self) -> dict[str, torch.Tensor]:
         """Return the weights under the parameter names they had before the bridge wrapped them."""
         params = {}
@@ -108,6 +142,16 @@ class LoadedModel:
         atomic_write_text(folder / "config.json", json.dumps(config, indent=2, default=str))
         self.tokenizer.save_pretrained(str(folder))
         return folder
+
+
+_RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")
+
+
+@dataclass(frozen=True)
+class _HookName:
+    """What a hook function gets as its `hook` argument when it runs as a PyTorch forward hook."""
+
+    name: str
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -236,7 +236,9 @@ def layer_sweep(
         finite = [(value, layer) for value, layer in zip(residual_fraction, layers) if not np.isnan(value)]
         addition_layer = max(finite)[1] if finite else layers[len(layers) // 2]
     vector = directions.at(addition_layer)
-    addition_scores = [_mean(post_scorer.score([ActivationAddition(addition_layer, alpha * vector)]))
+    # Adding alpha = 0 changes nothing, so that score is the clean one.
+    addition_scores = [score_post if alpha == 0 else _mean(post_scorer.score([ActivationAddition(addition_layer,
+                                                                                                  alpha * vector)]))
                        for alpha in alphas]
     addition = {"layer": addition_layer, "alphas": list(alphas), "scores": addition_scores,
                 "fraction_restored": [fraction_restored(score, score_base, score_post) for score in addition_scores]}

@@ -248,11 +248,10 @@ def _post_passes(post: LoadedModel, sequences: list[list[int]], layers: Sequence
             chunk = [sequences[index] for index in batch]
             in_prefix: dict[int, Tensor] = {}
             in_rest: dict[int, Tensor] = {}
-            cache, ids, mask, positions = prefill_shared_prefix(post, post.hf_model, chunk,
-                                                                _capturing(captured_layers, in_prefix))
-            with post.bridge.hooks(fwd_hooks=_capturing(captured_layers, in_rest)):
+            cache, ids, mask, positions = prefill_shared_prefix(post, chunk, _capturing(captured_layers, in_prefix))
+            with post.hooked(_capturing(captured_layers, in_rest)) as network:
                 try:
-                    post.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    network(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                   use_cache=True, logits_to_keep=1)
                 except StopAtLayerException:
                     pass

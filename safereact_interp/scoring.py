@@ -168,8 +168,7 @@ class RefusalScorer:
         cache = DynamicCache()
         rows = torch.tensor(batch)
         hooks = _hooks_for(interventions, rows, 1, 0, ids.shape[1], all_positions_only=True)
-        network = self.model.hf_model if hooks else self.model.plain_model
-        with self.model.bridge.hooks(fwd_hooks=hooks):
+        with self.model.hooked(hooks) as network:
             network(input_ids=context_ids, attention_mask=context_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         if cacheable:
@@ -238,8 +237,7 @@ class RefusalScorer:
         shared_mask = torch.cat([context_mask, torch.ones_like(shared_ids)], dim=1)
         positions = offset[:, None] + torch.arange(shared_ids.shape[1], device=device)[None]
         hooks = _hooks_for(interventions, rows, 1, context_mask.shape[1], width)
-        network = self.model.hf_model if hooks else self.model.plain_model
-        with self.model.bridge.hooks(fwd_hooks=hooks):
+        with self.model.hooked(hooks) as network:
             first_logits = network(input_ids=shared_ids, attention_mask=shared_mask, position_ids=positions,
                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         first_log_probs = torch.log_softmax(first_logits.float(), dim=-1)
@@ -261,7 +259,6 @@ class RefusalScorer:
             positions = start[:, None] + torch.arange(longest - 1, device=device)[None]
             hooks = _hooks_for(interventions, rows, n_continuations, shared_mask.shape[1], width,
                                all_positions_only=True)
-            network = self.model.hf_model if hooks else self.model.plain_model
             first_block = 0 if hooks or capture else self._first_hooked_block(interventions)
             entering = self._clean_entering(batch_index) if first_block else None
             check = entering is not None and self._skip_checked is None
@@ -269,7 +266,7 @@ class RefusalScorer:
                 reference = copy.deepcopy(cache)
             inputs = dict(input_ids=rest_ids, attention_mask=full_mask, position_ids=positions, use_cache=True)
             with contextlib.ExitStack() as stack:
-                stack.enter_context(self.model.bridge.hooks(fwd_hooks=hooks))
+                network = stack.enter_context(self.model.hooked(hooks))
                 if capture:
                     stack.enter_context(_recording_block_inputs(network, self._entering.setdefault(batch_index, [])))
                 elif entering is not None:
@@ -363,15 +360,12 @@ def generate(
     outputs: list[list[int]] = [[] for _ in texts]
     device = model.device
 
-    hooked = any(intervention.positions is None for intervention in interventions)
-    network = model.hf_model if hooked else model.plain_model
     for batch in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
         active = torch.tensor(batch)
         prefix_hooks = _hooks_for(interventions, active[:1], 1, 0, 0, all_positions_only=True)
-        cache, ids, mask, positions = prefill_shared_prefix(model, network, [sequences[index] for index in batch],
-                                                            prefix_hooks)
+        cache, ids, mask, positions = prefill_shared_prefix(model, [sequences[index] for index in batch], prefix_hooks)
         hooks = _hooks_for(interventions, active, 1, 0, mask.shape[1], all_positions_only=True)
-        with model.bridge.hooks(fwd_hooks=hooks):
+        with model.hooked(hooks) as network:
             logits = network(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             last_position = positions[:, -1]
@@ -592,8 +586,7 @@ def kl_divergence(model: LoadedModel, reference: LoadedModel, prompts: PromptSet
             if reference_cache is not None:
                 reference_cache[batch_index] = reference_log_probs
         hooks = _hooks_for(interventions, torch.tensor(batch), 1, 0, width, all_positions_only=True)
-        network = model.hf_model if hooks else model.plain_model
-        with model.bridge.hooks(fwd_hooks=hooks):
+        with model.hooked(hooks) as network:
             logits = network(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=kept).logits
         log_probs = torch.log_softmax(logits.float().to(reference_log_probs.device), dim=-1)[score_mask]
         kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1)

@@ -139,3 +139,26 @@ def test_kl_matches_one_prompt_at_a_time_and_reuses_the_reference(planted_pair):
     assert sorted(key for key in cache if key != "signature") == [0, 1]
     assert kl_divergence(base, post, texts, answers, batch_size=3, reference_cache=cache) == pytest.approx(first, rel=1e-6)
     assert kl_divergence(post, post, texts, answers, batch_size=3, reference_cache=cache) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_resid_post_hooks_run_on_the_plain_model_with_the_bridge_results(tiny_model):
+    ids = tiny_model.tokenizer(["A short test sentence.", "Another one"], return_tensors="pt", padding=True)
+    vector = torch.randn(tiny_model.d_model)
+    seen = []
+
+    def add(activation, hook):
+        seen.append(hook.name)
+        return activation + vector
+
+    hooks = [("blocks.1.hook_resid_post", add)]
+    with torch.no_grad():
+        with tiny_model.hooked(hooks) as network:
+            assert network is tiny_model.plain_model
+            fast = network(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits
+        with tiny_model.bridge.hooks(fwd_hooks=hooks):
+            bridged = tiny_model.hf_model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits
+        clean = tiny_model.plain_model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits
+    real = ids.attention_mask.bool()
+    assert seen[0] == "blocks.1.hook_resid_post"
+    assert torch.allclose(fast[real], bridged[real], atol=1e-5)
+    assert not torch.allclose(fast[real], clean[real], atol=1e-3)
