@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -448,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Raised inside transformers when TransformerLens or peft ask about gradient checkpointing; there is
+    # nothing a user of this command can change about it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return args.handler(args)
     except SafeReactError as error:

@@ -179,6 +179,9 @@ def check_inputs(options: RunOptions) -> EvalPrompts:
 
     load_judge(options.judge)  # validates the judge spec (the model loads on first use)
     prompts = build_prompts(options)
+    if set(prompts.harmful_train.texts) == set(prompts.harmless_train.texts):
+        raise ConfigError("the harmful and harmless prompts are the same, so no direction can separate them; "
+                          "pass different files with --harmful-file and --harmless-file")
     check_layer_options(options)
     return prompts
 
@@ -315,8 +318,9 @@ def load_options(run_dir: str | Path) -> RunOptions:
         raise RunFolderError(f"run folder {run_dir} not found; check the path, or create it with "
                              f"`safereact run --out {run_dir}`")
     if not path.is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder (no config.json); run `safereact diagnose "
-                             f"--out {run_dir}` or `safereact run --out {run_dir}` first")
+        target = run_dir if not any(Path(run_dir).iterdir()) else "NEW_FOLDER"
+        raise RunFolderError(f"{run_dir} is not a run folder (no config.json); pass a folder that `safereact "
+                             f"run` or `safereact diagnose` wrote, or create one with `safereact run --out {target}`")
     return RunOptions.from_dict(read_json(path))
 
 

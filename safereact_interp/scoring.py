@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .activations import prefill_shared_prefix
 from .models import LoadedModel
 from .prompts import PromptSet, encode, left_pad, length_sorted_batches, render_chat
-from .training import decoder_layers, start_at_layer
+from .training import decoder_layers, same_up_to_rounding, start_at_layer
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class RefusalScorer:
             if check:
                 full_logits = network(past_key_values=reference, **inputs).logits
                 real = rest_mask.bool()
-                self._skip_checked = bool(torch.allclose(logits[real], full_logits[real], atol=1e-4, rtol=1e-4))
+                self._skip_checked = same_up_to_rounding(full_logits[real], logits[real])
                 if not self._skip_checked:
                     logger.info("starting the continuation pass at block %d does not reproduce the full pass of "
                                 "this model; scoring with full passes", first_block)

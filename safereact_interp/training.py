@@ -490,6 +490,24 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     return result
 
 
+def same_up_to_rounding(expected: torch.Tensor, actual: torch.Tensor, tolerance: float = 1e-4) -> bool:
+    """Whether two tensors agree to `tolerance` relative to the norm of each vector (last dimension).
+
+    Residual streams hold a few tokens whose activations are thousands of times larger than the rest,
+    so elementwise tolerances either fail on rounding next to them or miss real differences elsewhere.
+    Scalars and 1-d tensors are compared relative to their largest magnitude (at least 1).
+    """
+    expected, actual = expected.float(), actual.float()
+    if expected.shape != actual.shape:
+        return False
+    if expected.numel() == 0:
+        return True
+    if expected.dim() < 2:
+        return bool((expected - actual).abs().max() <= tolerance * expected.abs().max().clamp_min(1.0))
+    difference = (expected - actual).norm(dim=-1)
+    return bool((difference <= tolerance * expected.norm(dim=-1).clamp_min(1e-6)).all())
+
+
 def shortcut_matches(forward: Callable[[bool], object], values: Callable[[object], object], tolerance: float = 1e-4) -> bool:
     """Check that `forward(True)` (the shortcut) gives the values of `forward(False)` (the full pass)."""
     with torch.no_grad():
@@ -499,8 +517,4 @@ def shortcut_matches(forward: Callable[[bool], object], values: Callable[[object
             logger.debug("the shortcut pass failed: %s", error)
             return False
     pairs = zip(full, shortcut) if isinstance(full, (list, tuple)) else [(full, shortcut)]
-    for expected, actual in pairs:
-        expected, actual = expected.float(), actual.float()
-        if expected.shape != actual.shape or not torch.allclose(expected, actual, atol=tolerance, rtol=tolerance):
-            return False
-    return True
+    return all(same_up_to_rounding(expected, actual, tolerance) for expected, actual in pairs)

@@ -159,6 +159,20 @@ def test_shortcut_mismatch_detected():
     assert not shortcut_matches(broken, lambda value: value)
 
 
+def test_rounding_check_is_relative_to_each_vector():
+    from safereact_interp.training import same_up_to_rounding
+
+    activations = torch.randn(6, 64)
+    activations[0] *= 1e4  # a "massive activation" token
+    rounded = activations + 1e-3 * torch.randn(6, 64) * torch.tensor([100.0, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2])[:, None]
+    assert same_up_to_rounding(activations, rounded)
+    wrong = activations.clone()
+    wrong[3] += 0.5  # a real difference in an ordinary token
+    assert not same_up_to_rounding(activations, wrong)
+    assert same_up_to_rounding(torch.tensor(2.5), torch.tensor(2.50001))
+    assert not same_up_to_rounding(torch.tensor(2.5), torch.tensor(2.6))
+
+
 def test_sft_shortcut_matches_full_passes(planted_post_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
