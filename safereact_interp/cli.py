@@ -449,8 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # Raised inside transformers when TransformerLens or peft ask about gradient checkpointing; there is
-    # nothing a user of this command can change about it.
+    # transformers raises this when TransformerLens or peft ask about gradient checkpointing, and a
+    # user of this command cannot change that.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return args.handler(args)

@@ -90,7 +90,7 @@ class LoadedModel:
         """Yield the module to call with TransformerLens-named `hooks` ((name, function) pairs) active.
 
         Hooks on the residual stream after a block (`blocks.{l}.hook_resid_post`) run as PyTorch
-        forward hooks on `plain_model`, which skips the bridge's per-module wrappers; any other hook
+        forward hooks on `plain_model`, which skips the bridge's per-module wrappers. Any other hook
         name runs through the bridge on `hf_model`. The functions get the activation and an object
         with the hook's `name`.
         """
@@ -149,7 +149,7 @@ _RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")
 
 @dataclass(frozen=True)
 class _HookName:
-    """What a hook function gets as its `hook` argument when it runs as a PyTorch forward hook."""
+    """The `hook` argument of a hook function that runs as a PyTorch forward hook."""
 
     name: str
 

@@ -430,9 +430,9 @@ def split_shared_prefix(sequences: Sequence[Sequence[int]], shared: int, pad_id:
     """Split sequences that share their first `shared` tokens into that prefix (one row) and the
     rest of each sequence, left-padded.
 
-    Returns the prefix ids, the rest's ids, the attention mask over prefix and rest (the padding
-    sits between them, where the mask hides it) and the rest's position ids, which count only real
-    tokens, so a row computes what it would alone.
+    Returns the prefix ids, the rest's ids, the attention mask over prefix and rest, and the rest's
+    position ids. The padding sits between prefix and rest, where the mask hides it. Position ids
+    count only real tokens, so a row computes what it would alone.
     """
     prefix = torch.tensor([list(sequences[0][:shared])], dtype=torch.long)
     ids, rest_mask = left_pad([sequence[shared:] for sequence in sequences], pad_id)

@@ -184,9 +184,9 @@ def _forward(model: LoadedModel, sequences: list[list[int]], layers: Sequence[in
     ([batch, column, d]), the logits if asked, and the attention mask of those columns.
 
     Without `entering`, the batch is left-padded and runs from the embeddings. With `entering`
-    (each sequence's stored hidden states entering block `first`), the pass starts at that block,
-    and with `prefix` the tokens that every sequence starts with run once as a batch of one: the
-    columns are then the shared prefix, padding, and each row's own tokens.
+    (each sequence's stored hidden states entering block `first`), the pass starts at that block.
+    With `prefix` as well, the tokens that every sequence starts with run once as a batch of one,
+    and the columns are the shared prefix, then padding, then each row's own tokens.
     """
     device = model.device
     pad_id = model.tokenizer.pad_token_id

@@ -138,8 +138,9 @@ class RefusalScorer:
         self.n_refusals = len(config.refusals)
         self.batches = length_sorted_batches([len(sequence) for sequence in self.sequences], batch_size)
         self._context_cache: dict[int, tuple[DynamicCache, Tensor, Tensor]] = {}
-        # clean hidden states entering each block at the continuation tokens, per batch; kept only
-        # while they fit in `reuse_bytes` (None: not yet checked against a full pass; False: off)
+        # Clean hidden states entering each block at the continuation tokens, per batch. They are kept
+        # only when they fit in `reuse_bytes`. _skip_checked is None until one reuse has been checked
+        # against a full pass, then True, or False when the reuse is off.
         self._entering: dict[int, list[Tensor]] = {}
         d_model = model.d_model
         size = len(self.sequences) * len(self.continuations) * self.longest_scored * d_model * model.n_layers * 4

@@ -319,7 +319,7 @@ def left_pad_labels(labels: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 def logits_needed(labels: torch.Tensor) -> int:
-    """How many final columns of a left-padded batch need logits: from the column before the
+    """Count the final columns of a left-padded batch that need logits, from the column before the
     first labelled token of any row to the end."""
     labelled = labels != -100
     width = labels.shape[1]
@@ -377,9 +377,9 @@ def prefix_cache(network: torch.nn.Module, prefix: torch.Tensor | FrozenPrefix, 
     """Run a token prefix that every row shares once, as a batch of one (with gradients when
     training), and return its key/value cache repeated for `rows` rows.
 
-    With a `FrozenPrefix` the pass starts at its first block, and the stored keys and values of
-    the blocks below are put into the cache after the pass (before it, they would make the model
-    count the prefix as already seen)."""
+    With a `FrozenPrefix` the pass starts at its first block. The stored keys and values of the
+    blocks below go into the cache after the pass, because before it they would make the model
+    count the prefix as already seen."""
     frozen = prefix if isinstance(prefix, FrozenPrefix) else None
     ids = frozen.ids if frozen is not None else prefix
     cache = DynamicCache()
@@ -491,7 +491,7 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
 
 
 def same_up_to_rounding(expected: torch.Tensor, actual: torch.Tensor, tolerance: float = 1e-4) -> bool:
-    """Whether two tensors agree to `tolerance` relative to the norm of each vector (last dimension).
+    """Check that two tensors agree to `tolerance` relative to the norm of each vector (last dimension).
 
     Residual streams hold a few tokens whose activations are thousands of times larger than the rest,
     so elementwise tolerances either fail on rounding next to them or miss real differences elsewhere.
