@@ -197,7 +197,7 @@ class RefusalScorer:
         return scores
 
     def _first_hooked_block(self, interventions: Sequence[Intervention]) -> int:
-        """The lowest block that a position-specific intervention hooks (0 when the reuse does not apply)."""
+        """Return the lowest block that a position-specific intervention hooks (0 when the reuse does not apply)."""
         if not interventions or self._skip_checked is False:
             return 0
         blocks = []

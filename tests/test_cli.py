@@ -61,7 +61,7 @@ def test_bad_input_leaves_nothing(tiny_model_dir, tmp_path, capsys, extra, messa
     assert not list(tmp_path.glob(".run.*"))
 
 
-def test_same_file_for_harmful_and_harmless_fails_before_loading(tiny_model_dir, tmp_path, capsys):
+def test_identical_prompt_files_fail_early(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"Tell me about topic number {index}." for index in range(40)) + "\n")
     out = tmp_path / "run"
@@ -108,12 +108,14 @@ def test_stage_without_diagnosis(tmp_path, capsys):
 def test_stage_on_non_run_folder(tmp_path, capsys):
     assert main(["repair", "--run", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert "not a run folder" in error and f"--out {tmp_path}" in error
+    assert "not a run folder" in error
+    assert f"--out {tmp_path}" in error
     (tmp_path / "notes.txt").write_text("not a run")
     assert main(["attribute", "--run", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     # a folder with other files cannot receive a run, so the hint names a new one
-    assert "not a run folder" in error and "--out NEW_FOLDER" in error
+    assert "not a run folder" in error
+    assert "--out NEW_FOLDER" in error
 
 
 def test_stage_on_missing_folder(tmp_path, capsys):

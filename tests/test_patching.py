@@ -94,7 +94,7 @@ def test_choose_addition_skips_zero_alpha():
         choose_addition(sweep)
 
 
-def test_continuation_pass_from_the_patched_block_matches_full_passes(planted_pair, harmful, caplog):
+def test_continuation_reuse_matches_full_passes(planted_pair, harmful, caplog):
     base, post = planted_pair.base, planted_pair.post
     positions = (-2, -1)
     source = collect_residuals(base, harmful, range(4), positions=positions)
@@ -105,6 +105,7 @@ def test_continuation_pass_from_the_patched_block_matches_full_passes(planted_pa
         for layer in range(4):
             patch = [ResidualPatch(layer, source.values[:, layer], positions)]
             assert torch.allclose(reusing.score(patch), full.score(patch), atol=1e-4)
-    assert reusing._skip_checked is True and full._skip_checked is False
+    assert reusing._skip_checked is True
+    assert full._skip_checked is False
     assert len(reusing._entering[0]) == post.n_layers
     assert "does not reproduce" not in caplog.text

@@ -208,7 +208,7 @@ def test_start_at_layer_restores_instance_forward(planted_pair):
         del block.forward
 
 
-def test_sft_first_loss_equals_the_plain_causal_lm_loss(planted_post_dir, caplog):
+def test_sft_first_loss_matches_plain_loss(planted_post_dir, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safereact_interp.models import prepare_tokenizer
@@ -222,7 +222,7 @@ def test_sft_first_loss_equals_the_plain_causal_lm_loss(planted_post_dir, caplog
         ids, mask, labels = collate_right_padded(tokenize_examples(tokenizer, examples), tokenizer.pad_token_id)
         expected = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
     with caplog.at_level("INFO"):
-        # one batch holds every example, so the first loss is the plain loss over all of them
+        # one batch contains every example, so the first loss is the plain loss over all of them
         first = train_sft(model, tokenizer, examples, steps=1, batch_size=4, frozen_below=2).losses[0]
     assert first == pytest.approx(expected, abs=1e-5)
     assert "full passes" not in caplog.text

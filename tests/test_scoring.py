@@ -117,7 +117,7 @@ def test_shared_prefix_length():
     assert shared_prefix_length([[7]]) == 0
 
 
-def test_kl_matches_one_prompt_at_a_time_and_reuses_the_reference(planted_pair):
+def test_kl_matches_per_prompt_and_caches(planted_pair):
     from safereact_interp.prompts import encode, render_chat
 
     base, post = planted_pair.base, planted_pair.post
@@ -141,7 +141,7 @@ def test_kl_matches_one_prompt_at_a_time_and_reuses_the_reference(planted_pair):
     assert kl_divergence(post, post, texts, answers, batch_size=3, reference_cache=cache) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_resid_post_hooks_run_on_the_plain_model_with_the_bridge_results(tiny_model):
+def test_resid_post_hooks_match_bridge(tiny_model):
     ids = tiny_model.tokenizer(["A short test sentence.", "Another one"], return_tensors="pt", padding=True)
     vector = torch.randn(tiny_model.d_model)
     seen = []
