@@ -8,6 +8,7 @@ static images through kaleido, which needs a Chrome or Chromium browser on the m
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -322,6 +323,13 @@ def training_figure(log: Sequence[Mapping]) -> go.Figure:
                          yaxis_title="loss (normalised squared distance)", yaxis_type="log",
                          width=DEFAULT_SIZE[0], height=DEFAULT_SIZE[1],
                          legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    # The retain loss starts at rounding level (about 1e-12) because LoRA starts as the identity; a
+    # log axis down to that value would flatten every later step, so the axis starts at 1 % of the
+    # smallest loss after the first step.
+    later = [entry[key] for entry in log[1:] for key in ("align_loss", "retain_loss") if entry[key] > 0]
+    if later:
+        highest = max(entry[key] for entry in log for key in ("align_loss", "retain_loss"))
+        figure.update_yaxes(range=[math.log10(min(later) / 100), math.log10(highest * 2)])
     return figure
 
 
