@@ -155,7 +155,8 @@ def command_diagnose(args: argparse.Namespace) -> int:
     _check_counts(args)
     options = _options_from_args(args)
     start = time.perf_counter()
-    out, _ = stage_diagnose(options, args.out, overwrite=args.overwrite, progress=tqdm_progress, echo=print)
+    out, _ = stage_diagnose(options, args.out, overwrite=args.overwrite, progress=tqdm_progress, echo=print,
+                            parallel=not args.serial)
     print(f"\nwrote {out}/diagnosis.json, {out}/figures/ and {out}/report.html "
           f"in {time.perf_counter() - start:.0f} s")
     return 0
@@ -303,7 +304,7 @@ def command_patch(args: argparse.Namespace) -> int:
     from .pipeline import stage_patch
     from .progress import tqdm_progress
 
-    data = stage_patch(args.run, options=_run_options(args), progress=tqdm_progress)
+    data = stage_patch(args.run, options=_run_options(args), progress=tqdm_progress, parallel=not args.serial)
     print(f"{'layer':>5} {'restored':>9} {'direction':>10}")
     for layer, residual, direction in zip(data["layers"], data["residual_fraction"], data["direction_fraction"]):
         print(f"{layer:>5} {residual:>9.3f} {direction:>10.3f}")
@@ -332,7 +333,7 @@ def command_verify(args: argparse.Namespace) -> int:
     from .pipeline import print_verification, stage_verify
     from .progress import tqdm_progress
 
-    data = stage_verify(args.run, options=_run_options(args), progress=tqdm_progress)
+    data = stage_verify(args.run, options=_run_options(args), progress=tqdm_progress, parallel=not args.serial)
     print_verification(data)
     print(f"wrote {args.run}/verification.json and {args.run}/report.html")
     return 0
@@ -351,10 +352,16 @@ def command_run(args: argparse.Namespace) -> int:
         options.repair_layers = args.layers_override
     start = time.perf_counter()
     out = stage_run(options, args.out, overwrite=args.overwrite, resume=args.resume, progress=tqdm_progress,
-                    on_step=_repair_progress(options.steps), echo=print)
+                    on_step=_repair_progress(options.steps), echo=print, parallel=not args.serial)
     print(f"\nwrote {out}/ (diagnosis.json, patching.json, repair/, verification.json, figures/, report.html) "
           f"in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _serial_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--serial", action="store_true",
+                        help="run every job in this process; by default, on a CPU with 2 or more threads, "
+                             "independent jobs run in a forked process beside it with half the threads")
 
 
 def command_attribute(args: argparse.Namespace) -> int:
@@ -387,11 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     _diagnose_arguments(diagnose)
     diagnose.add_argument("--out", required=True, help="run folder to create")
     diagnose.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _serial_argument(diagnose)
     diagnose.set_defaults(handler=command_diagnose)
 
     patch = commands.add_parser("patch", help="activation patching sweep and choice of repair layers")
     patch.add_argument("--run", required=True, help="run folder written by `safereact diagnose`")
     _patch_arguments(patch)
+    _serial_argument(patch)
     patch.set_defaults(handler=command_patch)
 
     repair = commands.add_parser("repair", help="train SafeReAct LoRA adapters on the chosen layers")
@@ -408,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layers of the causal checks, e.g. 20,24,28 (default: the repair layers)")
     verify.add_argument("--patch-prompts", type=int, help="harmful validation prompts for the causal checks")
     _verify_arguments(verify)
+    _serial_argument(verify)
     verify.set_defaults(handler=command_verify)
 
     attribute = commands.add_parser("attribute", help="attribute amplification and the safety signal to "
@@ -430,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run in --out: completed stages are kept, the repair resumes")
+    _serial_argument(run)
     run.set_defaults(handler=command_run)
 
     organism = commands.add_parser("organism", help="the bundled model organism")

@@ -30,6 +30,7 @@ from .activations import ResidualActivations, check_layers, collect_residuals
 from .directions import DirectionMethod, Directions, compute_directions, cosine_similarity, project
 from .errors import ConfigError
 from .models import LoadedModel, ModelPair
+from .parallel import side_job
 from .progress import ProgressFactory, no_progress
 from .prompts import EvalPrompts, PromptSet
 from .scoring import GenerationConfig, Judge, ModelEvaluation, evaluate_model
@@ -442,44 +443,53 @@ def refusal_sets(prompts: EvalPrompts) -> dict[str, PromptSet]:
 
 
 def evaluate(model: LoadedModel, prompts: EvalPrompts, generation: GenerationConfig, *,
-             judge: Judge | None = None, progress: ProgressFactory = no_progress) -> ModelEvaluation:
-    """Refusal rates and capability accuracy of one model on the test sets."""
+             judge: Judge | None = None, progress: ProgressFactory = no_progress,
+             parallel: bool = False) -> ModelEvaluation:
+    """Refusal rates and capability accuracy of one model on the test sets (`parallel`: see
+    `evaluate_model`)."""
     sets = refusal_sets(prompts)
     total = sum(len(prompt_set) for prompt_set in sets.values()) + len(prompts.capability_test)
     with progress(f"generations of {model.name}", total) as advance:
         return evaluate_model(model, sets, prompts.capability_test, judge=judge, generation=generation,
-                              progress=advance)
+                              progress=advance, parallel=parallel)
 
 
 def diagnose(pair: ModelPair, prompts: EvalPrompts | None = None, config: DiagnoseConfig = DiagnoseConfig(), *,
              judge: Judge | None = None, evaluations: dict[str, ModelEvaluation] | None = None,
-             progress: ProgressFactory = no_progress) -> DiagnosisResult:
+             progress: ProgressFactory = no_progress, parallel: bool = False) -> DiagnosisResult:
     """Diagnose the pair: per-layer metrics, refusal rates, capability accuracy, verdict, ranking.
 
     `evaluations` may hold earlier `ModelEvaluation`s of "base" and "post" on the same prompts, which
-    are reused instead of generating again.
+    are reused instead of generating again. With `parallel`, the base model is measured in a forked
+    process beside the post-trained one on CPU (see `parallel.side_job`). Results match serial ones
+    up to float rounding.
     """
     prompts = prompts or EvalPrompts.bundled()
     n_layers = pair.base.n_layers
     layers = check_layers(config.layers if config.layers else range(n_layers), n_layers)
     system_prompt = config.generation.system_prompt
 
-    logger.info("collecting activations at %d layers", len(layers))
-    activations = {
-        name: collect_model_activations(model, prompts, layers, positions=config.positions,
-                                        batch_size=config.batch_size, system_prompt=system_prompt,
-                                        progress=progress)
-        for name, model in (("base", pair.base), ("post", pair.post))
-    }
+    evaluations = dict(evaluations or {})
+
+    def measure(name: str, progress: ProgressFactory) -> tuple[ModelActivations, ModelEvaluation]:
+        model = pair.base if name == "base" else pair.post
+        logger.info("collecting activations of the %s model at %d layers", name, len(layers))
+        activations = collect_model_activations(model, prompts, layers, positions=config.positions,
+                                                batch_size=config.batch_size, system_prompt=system_prompt,
+                                                progress=progress)
+        if name in evaluations:
+            return activations, evaluations[name]
+        logger.info("evaluating the %s model", name)
+        return activations, evaluate(model, prompts, config.generation, judge=judge, progress=progress)
+
+    activations = {}
+    with side_job(lambda progress: measure("base", progress), "measuring the base model", progress=progress,
+                  enabled=parallel) as base_job:
+        activations["post"], evaluations["post"] = measure("post", base_job.watch(progress))
+        activations["base"], evaluations["base"] = base_job.result()
     probe_outcomes: dict[str, list] = {}
     metrics, directions = layer_metrics(activations["base"], activations["post"], layers, config.method,
                                         seed=config.seed, probe_outcomes=probe_outcomes)
-
-    evaluations = dict(evaluations or {})
-    for name, model in (("base", pair.base), ("post", pair.post)):
-        if name not in evaluations:
-            logger.info("evaluating the %s model", name)
-            evaluations[name] = evaluate(model, prompts, config.generation, judge=judge, progress=progress)
     refusal_rate = {name: dict(evaluations[name].refusal_rate) for name in ("base", "post")}
     refusal_whole = {name: dict(evaluations[name].refusal_rate_whole_text) for name in ("base", "post")}
     capability = {name: evaluations[name].capability_accuracy for name in ("base", "post")}

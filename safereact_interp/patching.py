@@ -26,6 +26,7 @@ from .activations import check_layers, check_positions, collect_residuals, resid
 from .directions import Directions
 from .errors import ConfigError, TokenizationMismatchError
 from .models import LoadedModel, ModelPair
+from .parallel import side_job
 from .progress import ProgressFactory, no_progress
 from .prompts import PromptSet, encode, render_chat
 from .scoring import Hook, RefusalScoreConfig, RefusalScorer
@@ -187,12 +188,14 @@ def layer_sweep(
     alphas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
     addition_layer: int | None = None,
     progress: ProgressFactory = no_progress,
+    parallel: bool = False,
 ) -> PatchingResult:
     """Activation patching base -> post-trained at every layer, direction patching, directional
     ablation of the base safety direction (in both models) and activation addition at one layer.
 
     `directions` are the base model's safety directions. `addition_layer` defaults to the layer
-    where residual patching restores the most.
+    where residual patching restores the most. With `parallel`, half of the layers are patched in a
+    forked process on CPU (see `parallel.side_job`); scores match serial ones up to float rounding.
     """
     layers = check_layers(directions.layers if layers is None else layers, pair.post.n_layers)
     positions = check_positions(positions)
@@ -207,26 +210,37 @@ def layer_sweep(
     scores_base = base_scorer.score()
     score_post, score_base = _mean(scores_post), _mean(scores_base)
 
-    residual, direction = [], []
+    def patch_layers(indices: Sequence[int], progress: ProgressFactory) -> dict[int, tuple[Tensor, Tensor]]:
+        """Per-prompt scores of residual and direction patching at `layers[index]`, by index."""
+        patched = {}
+        with progress("activation patching", 2 * len(indices)) as advance:
+            for index in indices:
+                layer, source = layers[index], base_activations.values[:, index]
+                residual_scores = post_scorer.score([ResidualPatch(layer, source, positions)])
+                advance(1)
+                direction_scores = post_scorer.score([DirectionPatch(layer, source, directions.unit_at(layer),
+                                                                     positions)])
+                advance(1)
+                patched[index] = (residual_scores, direction_scores)
+        return patched
+
+    ablation_all = ablation_of(directions)
+    indices = range(len(layers))
+    with side_job(lambda progress: patch_layers(indices[1::2], progress), "activation patching of half the layers",
+                  progress=progress, enabled=parallel) as other_half:
+        patched = patch_layers(indices[0::2], other_half.watch(progress))
+        ablated_base = _mean(base_scorer.score([ablation_all]))
+        ablated_post = _mean(post_scorer.score([ablation_all]))
+        patched.update(other_half.result())
+
     per_prompt: dict[str, list] = {"base": scores_base.tolist(), "post": scores_post.tolist(),
-                                   "residual": [], "direction": []}
-    with progress("activation patching", 2 * len(layers)) as advance:
-        for index, layer in enumerate(layers):
-            source = base_activations.values[:, index]
-            scores = post_scorer.score([ResidualPatch(layer, source, positions)])
-            residual.append(_mean(scores))
-            per_prompt["residual"].append(scores.tolist())
-            advance(1)
-            scores = post_scorer.score([DirectionPatch(layer, source, directions.unit_at(layer), positions)])
-            direction.append(_mean(scores))
-            per_prompt["direction"].append(scores.tolist())
-            advance(1)
+                                   "residual": [patched[index][0].tolist() for index in indices],
+                                   "direction": [patched[index][1].tolist() for index in indices]}
+    residual = [_mean(patched[index][0]) for index in indices]
+    direction = [_mean(patched[index][1]) for index in indices]
     residual_fraction = [fraction_restored(score, score_base, score_post) for score in residual]
     direction_fraction = [fraction_restored(score, score_base, score_post) for score in direction]
 
-    ablation_all = ablation_of(directions)
-    ablated_base = _mean(base_scorer.score([ablation_all]))
-    ablated_post = _mean(post_scorer.score([ablation_all]))
     # Fraction of the base-post gap in refusal score that ablation removes from the base model.
     ablation = {"base": ablated_base, "post": ablated_post,
                 "base_fraction_removed": fraction_restored(score_base - ablated_base + score_post,

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .artifacts import (prepare_new_folder, publish_folder, read_json, save_tensors, staging_folder,
                         write_json)
-from .diagnose import DiagnoseConfig, Diagnosis, DiagnosisResult, VerdictThresholds, diagnose
+from .diagnose import DiagnoseConfig, Diagnosis, DiagnosisResult, VerdictThresholds, diagnose, refusal_sets
 from .errors import ConfigError, RunFolderError
 from .models import ModelPair, load_model, check_pair
+from .parallel import FinishedJob, SideJob, can_fork, side_job
 from .plots import diagnosis_figures, save_figure
 from .progress import ProgressFactory, no_progress
 from .prompts import EvalPrompts, PromptSet, PromptSplits, bundled_prompts, load_named, load_prompt_file
@@ -269,11 +271,12 @@ def write_diagnosis_figures(folder: Path, diagnoses: dict[str, Diagnosis], forma
 
 def stage_diagnose(options: RunOptions, out: str | Path, *, overwrite: bool = False,
                    progress: ProgressFactory = no_progress, models: tuple[Any, list[Any]] | None = None,
-                   echo=None) -> tuple[Path, dict[str, DiagnosisResult]]:
+                   echo=None, parallel: bool = True) -> tuple[Path, dict[str, DiagnosisResult]]:
     """Diagnose every post-trained model against the base model and publish a new run folder.
 
     Inputs are validated first; results are written to a staging folder that replaces `out` only
-    when everything succeeded, so a failure leaves no partial output.
+    when everything succeeded, so a failure leaves no partial output. `parallel` measures the base
+    model in a forked process on CPU (see `parallel.side_job`).
     """
     from .judges import load_judge
 
@@ -289,7 +292,7 @@ def stage_diagnose(options: RunOptions, out: str | Path, *, overwrite: bool = Fa
             logger.info("diagnosing %s against %s", options.posts[index], options.base)
             reuse = {"base": results["post"].evaluations["base"]} if results else None
             results[label] = diagnose(ModelPair(base, post), prompts, options.diagnose_config(),
-                                      evaluations=reuse, judge=judge, progress=progress)
+                                      evaluations=reuse, judge=judge, progress=progress, parallel=parallel)
         for label, result in results.items():
             write_diagnosis(staging, result, "" if label == "post" else label)
         diagnoses = {label: result.diagnosis for label, result in results.items()}
@@ -380,8 +383,10 @@ def _refresh_report(run_dir: Path, options: RunOptions, stage: str, info: dict |
 
 
 def stage_patch(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = None,
-                progress: ProgressFactory = no_progress, options: RunOptions | None = None) -> dict:
-    """Layer sweep of activation patching and interventions; choose the repair layers; write patching.json."""
+                progress: ProgressFactory = no_progress, options: RunOptions | None = None,
+                parallel: bool = True) -> dict:
+    """Layer sweep of activation patching and interventions; choose the repair layers; write patching.json.
+    `parallel` patches half of the layers in a forked process on CPU."""
     from .activations import check_layers
     from .patching import layer_sweep, select_layers
     from .plots import intervention_figure, patching_figure
@@ -400,7 +405,7 @@ def stage_patch(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = N
     harmful = prompts.harmful_val.head(min(options.patch_prompts, len(prompts.harmful_val)))
     result = layer_sweep(ModelPair(base, posts[0]), harmful, directions, positions=positions,
                          config=_score_config(options), batch_size=options.batch_size, alphas=options.alphas,
-                         progress=progress)
+                         progress=progress, parallel=parallel)
     if options.repair_layers:
         selection = {"layers": sorted(check_layers(options.repair_layers, base.n_layers)), "k": len(options.repair_layers),
                      "rule": "given with --layers", "combined_scores": {}}
@@ -515,15 +520,79 @@ def export_merged(post_spec: str, adapter: Path, folder: Path, *, post_adapter: 
     return folder
 
 
-def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = None, repaired=None,
-                 progress: ProgressFactory = no_progress, options: RunOptions | None = None) -> dict:
-    """Evaluate base, post-trained, repaired and baseline models and run the causal checks;
-    write verification.json and evaluations/<model>.json."""
-    from .diagnose import evaluate, refusal_sets
+def activation_addition(run_dir: Path, layers: list[int]):
+    """Baseline (i): the addition of the base safety direction that the patching sweep chose (see
+    `verify.choose_addition`), else alpha 1 at the last repair layer. Returns (addition, layer, alpha)."""
     from .patching import ActivationAddition
+    from .verify import choose_addition
+
+    patching_path = run_dir / "patching.json"
+    if patching_path.is_file():
+        layer, alpha = choose_addition(read_json(patching_path))
+    else:
+        layer, alpha = layers[-1], 1.0
+    return ActivationAddition(layer, alpha * load_directions(run_dir).at(layer)), layer, alpha
+
+
+def baselines_job(options: RunOptions, prompts: EvalPrompts, layers: list[int], post, addition,
+                  post_evaluation: ModelEvaluation | None, reference_cache: dict | None = None):
+    """Build a job for `parallel.side_job` with the baselines' work that does not need the repaired
+    model. The job trains and evaluates the refusal-LoRA baseline (with its KL to `post`) and
+    generates the capability problems of the activation-addition baseline. It returns a dict with
+    `refusal_lora` (the evaluation and its settings for verification.json) and `addition_capability`
+    (accuracy, records)."""
+    from .judges import load_judge
+    from .scoring import evaluate_capability
+    from .verify import evaluate_with_kl, train_refusal_lora
+
+    config = repair_config(options, layers)
+    load_options_ = dict(dtype=options.dtype, device=options.device, device_map=options.device_map,
+                         trust_remote_code=options.trust_remote_code)
+    judge = load_judge(options.judge)
+    capability = prompts.capability_test
+
+    def job(progress: ProgressFactory) -> dict:
+        with progress("refusal-LoRA baseline training", config.steps) as advance:
+            model, seconds = train_refusal_lora(options.posts[0], prompts.harmful_train, config,
+                                                post_adapter=options.post_adapter, load_options=load_options_,
+                                                system_prompt=options.system_prompt,
+                                                on_step=lambda step, loss: advance(1))
+        evaluation = evaluate_with_kl(model, post, prompts, refusal_sets(prompts), options.generation,
+                                      post_evaluation, name="refusal_lora", judge=judge,
+                                      kl_prompts=options.kl_prompts, progress=progress,
+                                      reference_cache=reference_cache)
+        info = {"steps": config.steps, "rank": config.rank, "layers": list(config.adapter_layers),
+                "seconds": round(seconds, 1)}
+        del model
+        with progress("capability problems of activation_addition", len(capability)) as advance:
+            addition_capability = evaluate_capability(post, capability, generation=options.generation,
+                                                      interventions=[addition], progress=advance)
+        return {"refusal_lora": (evaluation, info), "addition_capability": addition_capability}
+
+    return job
+
+
+def _saved_evaluation(run_dir: Path, name: str, sets: dict) -> ModelEvaluation | None:
+    """Return the evaluation of `name` saved in the run folder if it covers the prompt sets `sets`."""
+    earlier = load_evaluation(run_dir, name)
+    return earlier if earlier is not None and set(earlier.refusal_rate) == set(sets) else None
+
+
+def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = None, repaired=None,
+                 progress: ProgressFactory = no_progress, options: RunOptions | None = None,
+                 parallel: bool = True, baselines: SideJob | FinishedJob | None = None) -> dict:
+    """Evaluate base, post-trained, repaired and baseline models and run the causal checks;
+    write verification.json and evaluations/<model>.json.
+
+    With `parallel` on CPU, `baselines_job` runs in a forked process while the repaired model is
+    evaluated here (see `parallel`). `baselines` is that job when `stage_run` started it earlier.
+    """
+    from dataclasses import replace
+
+    from .diagnose import evaluate
     from .plots import before_after_figure
-    from .verify import (Verification, causal_checks, choose_addition, compare_baselines, evaluate_with_kl,
-                         table_row, train_refusal_lora, verification_targets)
+    from .verify import (Verification, causal_checks, compare_baselines, evaluate_with_kl, table_row,
+                         verification_targets)
 
     run_dir = Path(run_dir)
     options = options or load_options(run_dir)
@@ -534,7 +603,6 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
     if repaired is None and not (adapter / "adapter_config.json").is_file():
         raise RunFolderError(f"no repair adapter in {adapter}; run `safereact repair --run {run_dir}` first")
     repair_info = read_json(repair_info_path)
-    patching = read_json(run_dir / "patching.json") if (run_dir / "patching.json").is_file() else None
     prompts = build_prompts(options)
     base, posts = models or load_run_models(options)
     post = posts[0]
@@ -553,50 +621,47 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
     generation = options.generation
     evaluations: dict[str, ModelEvaluation] = {}
     for name, model in (("post", post), ("base", base)):
-        earlier = load_evaluation(run_dir, name)
-        if earlier is None or set(earlier.refusal_rate) != set(sets):
-            earlier = evaluate(model, prompts, generation, judge=judge, progress=progress)
-        evaluations[name] = earlier
+        evaluations[name] = (_saved_evaluation(run_dir, name, sets)
+                             or evaluate(model, prompts, generation, judge=judge, progress=progress,
+                                         parallel=parallel))
     post_evaluation = evaluations["post"]
     evaluations["post"] = ModelEvaluation(**{**post_evaluation.__dict__, "kl_to_post": 0.0})
     from .scoring import kl_divergence
 
-    harmless = prompts.harmless_test.head(min(options.kl_prompts, len(prompts.harmless_test)))
-    by_id = {record["id"]: record["response"] for record in post_evaluation.records.get("harmless", [])}
-    responses = [by_id[prompt.id] for prompt in harmless] if all(prompt.id in by_id for prompt in harmless) else None
-    post_distributions: dict = {}  # the post-trained model's next-token distributions, for every KL
-    evaluations["base"] = ModelEvaluation(**{**evaluations["base"].__dict__, "kl_to_post": kl_divergence(
-        base, post, harmless, responses, system_prompt=options.system_prompt, reference_cache=post_distributions)})
-    evaluations["repaired"] = evaluate_with_kl(repaired, post, prompts, sets, generation, post_evaluation,
-                                               name="repaired", judge=judge, kl_prompts=options.kl_prompts,
-                                               progress=progress, reference_cache=post_distributions)
-
     baselines_info: dict = {}
-    if options.baselines:
-        directions = load_directions(run_dir)
-        if patching is not None:
-            layer, alpha = choose_addition(patching)
-        else:
-            layer, alpha = layers[-1], 1.0
-        addition = ActivationAddition(layer, alpha * directions.at(layer))
-        evaluations["activation_addition"] = evaluate_with_kl(
-            post, post, prompts, sets, generation, post_evaluation, name="activation_addition",
-            interventions=[addition], judge=judge, kl_prompts=options.kl_prompts, progress=progress,
-            reference_cache=post_distributions)
-        baselines_info["activation_addition"] = {"layer": layer, "alpha": alpha}
-        config = repair_config(options, layers)
-        with progress("refusal-LoRA baseline training", config.steps) as advance:
-            refusal_lora, seconds = train_refusal_lora(options.posts[0], prompts.harmful_train, config,
-                                                       post_adapter=options.post_adapter, load_options=load_options_,
-                                                       system_prompt=options.system_prompt,
-                                                       on_step=lambda step, loss: advance(1))
-        evaluations["refusal_lora"] = evaluate_with_kl(refusal_lora, post, prompts, sets, generation,
-                                                       post_evaluation, name="refusal_lora", judge=judge,
-                                                       kl_prompts=options.kl_prompts, progress=progress,
-                                                       reference_cache=post_distributions)
-        baselines_info["refusal_lora"] = {"steps": config.steps, "rank": config.rank,
-                                          "layers": list(config.adapter_layers), "seconds": round(seconds, 1)}
-        del refusal_lora
+    post_distributions: dict = {}  # the post-trained model's next-token distributions, for every KL
+    with ExitStack() as stack:
+        if options.baselines:
+            addition, layer, alpha = activation_addition(run_dir, layers)
+            baselines_info["activation_addition"] = {"layer": layer, "alpha": alpha}
+            if baselines is None:
+                job = baselines_job(options, prompts, layers, post, addition, post_evaluation, post_distributions)
+                baselines = stack.enter_context(side_job(job, "baselines", progress=progress, enabled=parallel))
+        watched = baselines.watch(progress) if baselines is not None else progress
+
+        harmless = prompts.harmless_test.head(min(options.kl_prompts, len(prompts.harmless_test)))
+        by_id = {record["id"]: record["response"] for record in post_evaluation.records.get("harmless", [])}
+        responses = ([by_id[prompt.id] for prompt in harmless] if all(prompt.id in by_id for prompt in harmless)
+                     else None)
+        evaluations["base"] = ModelEvaluation(**{**evaluations["base"].__dict__, "kl_to_post": kl_divergence(
+            base, post, harmless, responses, system_prompt=options.system_prompt,
+            reference_cache=post_distributions)})
+        evaluations["repaired"] = evaluate_with_kl(repaired, post, prompts, sets, generation, post_evaluation,
+                                                   name="repaired", judge=judge, kl_prompts=options.kl_prompts,
+                                                   progress=watched, reference_cache=post_distributions,
+                                                   parallel=parallel)
+
+        if options.baselines:
+            # The capability problems of this baseline are generated in the baselines job.
+            refusals = evaluate_with_kl(post, post, prompts, sets, generation, post_evaluation,
+                                        name="activation_addition", interventions=[addition], judge=judge,
+                                        kl_prompts=options.kl_prompts, progress=watched,
+                                        reference_cache=post_distributions, parallel=parallel, capability=False)
+            baseline_results = baselines.result()
+            accuracy, records = baseline_results["addition_capability"]
+            evaluations["activation_addition"] = replace(refusals, capability_accuracy=accuracy,
+                                                         records={**refusals.records, "capability": records})
+            evaluations["refusal_lora"], baselines_info["refusal_lora"] = baseline_results["refusal_lora"]
 
     positions = tuple(repair_info.get("positions") or _patch_positions(options, base.tokenizer))
     harmful = prompts.harmful_val.head(min(options.patch_prompts, len(prompts.harmful_val)))
@@ -681,11 +746,13 @@ def print_verification(data: dict, echo=print) -> None:
 
 
 def stage_run(options: RunOptions, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-              progress: ProgressFactory = no_progress, on_step=None, echo=None) -> Path:
+              progress: ProgressFactory = no_progress, on_step=None, echo=None, parallel: bool = True) -> Path:
     """Run all stages (diagnose into a new folder, patch, repair, verify), loading the models once.
 
     With `resume`, an existing run folder keeps the stages it completed (same config) and the repair
-    continues from its checkpoint.
+    continues from its checkpoint. With `parallel` on CPU, independent work runs in a forked process:
+    the base model's measurements, half of the patched layers, the baselines during the repair, and
+    the capability problems of each evaluation. See the `parallel` module on float rounding.
     """
     out = Path(out)
     if resume and (out / "config.json").is_file():
@@ -701,17 +768,30 @@ def stage_run(options: RunOptions, out: str | Path, *, overwrite: bool = False, 
     check_inputs(options)
     models = load_run_models(options)
     if not options.stages.get("diagnose", {}).get("done"):
-        stage_diagnose(options, out, overwrite=True, progress=progress, models=models, echo=echo)
+        stage_diagnose(options, out, overwrite=True, progress=progress, models=models, echo=echo,
+                       parallel=parallel)
         options = load_options(out)
     elif echo is not None:
         print_diagnosis(load_diagnosis(out), echo)
     if not options.stages.get("patch", {}).get("done"):
-        stage_patch(out, models=models, progress=progress, options=options)
+        stage_patch(out, models=models, progress=progress, options=options, parallel=parallel)
+    # The baselines need only the chosen layers, so on CPU the refusal-LoRA baseline trains in a
+    # forked process while the repair trains here.
+    prompts = build_prompts(options)
+    post_evaluation = _saved_evaluation(out, "post", refusal_sets(prompts))
     result = None
-    if not options.stages.get("repair", {}).get("done"):
-        result = stage_repair(out, models=models, on_step=on_step, options=options)
-    data = stage_verify(out, models=models, repaired=result.model if result else None, progress=progress,
-                        options=options)
+    with ExitStack() as stack:
+        baselines = None
+        if parallel and can_fork() and options.baselines and post_evaluation is not None:
+            layers = chosen_layers(out, options)
+            addition, _, _ = activation_addition(out, layers)
+            job = baselines_job(options, prompts, layers, models[1][0], addition, post_evaluation)
+            baselines = stack.enter_context(side_job(job, "baselines", progress=progress))
+        if not options.stages.get("repair", {}).get("done"):
+            repair_step = baselines.polling(on_step) if baselines is not None else on_step
+            result = stage_repair(out, models=models, on_step=repair_step, options=options)
+        data = stage_verify(out, models=models, repaired=result.model if result else None, progress=progress,
+                            options=options, parallel=parallel, baselines=baselines)
     if echo is not None:
         echo("")
         print_verification(data, echo)

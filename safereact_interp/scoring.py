@@ -32,6 +32,8 @@ from .capability import final_answer_text, is_correct
 from .errors import ConfigError
 from .activations import prefill_shared_prefix
 from .models import LoadedModel
+from .parallel import into_bar, side_job, split_work
+from .progress import ProgressFactory
 from .prompts import PromptSet, encode, left_pad, length_sorted_batches, render_chat
 from .training import decoder_layers, same_up_to_rounding, start_at_layer
 
@@ -343,12 +345,15 @@ def generate(
     response_prefix: str = "",
     interventions: Sequence[Intervention] = (),
     progress: Callable[[int], None] | None = None,
+    parallel: bool = False,
 ) -> list[str]:
     """Greedy responses to the prompts, decoded without special tokens.
 
     Rows that produced an end-of-sequence token leave the batch, so short refusals do not pay for
     long answers in the same batch. Interventions that act on every position stay active for
-    every generated token; position-specific ones are not applied during generation.
+    every generated token; position-specific ones are not applied during generation. With
+    `parallel`, every second batch is generated in a forked process on CPU (see
+    `parallel.split_work`); see that module on float rounding.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -358,39 +363,47 @@ def generate(
     rendered = render_chat(model.tokenizer, texts, system_prompt=system_prompt, response_prefix=response_prefix)
     sequences = encode(model.tokenizer, rendered)
     stop_ids = torch.tensor(sorted(_stop_ids(model)) or [-1])
-    outputs: list[list[int]] = [[] for _ in texts]
     device = model.device
+    batches = length_sorted_batches([len(sequence) for sequence in sequences], batch_size)
 
-    for batch in length_sorted_batches([len(sequence) for sequence in sequences], batch_size):
-        active = torch.tensor(batch)
-        prefix_hooks = _hooks_for(interventions, active[:1], 1, 0, 0, all_positions_only=True)
-        cache, ids, mask, positions = prefill_shared_prefix(model, [sequences[index] for index in batch], prefix_hooks)
-        hooks = _hooks_for(interventions, active, 1, 0, mask.shape[1], all_positions_only=True)
-        with model.hooked(hooks) as network:
-            logits = network(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            last_position = positions[:, -1]
-            for step in range(max_new_tokens):
-                next_tokens = logits.argmax(dim=-1)
-                finished = torch.isin(next_tokens.cpu(), stop_ids)
-                for row, index in enumerate(active.tolist()):
-                    if not finished[row]:
-                        outputs[index].append(int(next_tokens[row]))
-                keep = (~finished).nonzero().squeeze(-1)
-                if step == max_new_tokens - 1 or len(keep) == 0:
-                    break
-                if len(keep) < len(active):
-                    cache.batch_select_indices(keep.to(device))
-                    active, mask = active[keep], mask[keep.to(device)]
-                    next_tokens, last_position = next_tokens[keep.to(device)], last_position[keep.to(device)]
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                last_position = last_position + 1
-                logits = network(input_ids=next_tokens[:, None], attention_mask=mask,
-                                 position_ids=last_position[:, None], past_key_values=cache,
-                                 use_cache=True).logits[:, -1]
-        if progress is not None:
-            progress(len(batch))
-    return [model.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
+    @torch.inference_mode()
+    def generate_batches(batches: Sequence[list[int]], advance: Callable[[int], None]) -> dict[int, list[int]]:
+        outputs: dict[int, list[int]] = {index: [] for batch in batches for index in batch}
+        for batch in batches:
+            active = torch.tensor(batch)
+            prefix_hooks = _hooks_for(interventions, active[:1], 1, 0, 0, all_positions_only=True)
+            cache, ids, mask, positions = prefill_shared_prefix(model, [sequences[index] for index in batch],
+                                                                prefix_hooks)
+            hooks = _hooks_for(interventions, active, 1, 0, mask.shape[1], all_positions_only=True)
+            with model.hooked(hooks) as network:
+                logits = network(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                last_position = positions[:, -1]
+                for step in range(max_new_tokens):
+                    next_tokens = logits.argmax(dim=-1)
+                    finished = torch.isin(next_tokens.cpu(), stop_ids)
+                    for row, index in enumerate(active.tolist()):
+                        if not finished[row]:
+                            outputs[index].append(int(next_tokens[row]))
+                    keep = (~finished).nonzero().squeeze(-1)
+                    if step == max_new_tokens - 1 or len(keep) == 0:
+                        break
+                    if len(keep) < len(active):
+                        cache.batch_select_indices(keep.to(device))
+                        active, mask = active[keep], mask[keep.to(device)]
+                        next_tokens, last_position = next_tokens[keep.to(device)], last_position[keep.to(device)]
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    last_position = last_position + 1
+                    logits = network(input_ids=next_tokens[:, None], attention_mask=mask,
+                                     position_ids=last_position[:, None], past_key_values=cache,
+                                     use_cache=True).logits[:, -1]
+            advance(len(batch))
+        return outputs
+
+    outputs: dict[int, list[int]] = {}
+    for part in split_work(generate_batches, batches, "generation", advance=progress, enabled=parallel):
+        outputs.update(part)
+    return [model.tokenizer.decode(outputs[index], skip_special_tokens=True) for index in range(len(texts))]
 
 
 # ---- judges ----------------------------------------------------------------------------------
@@ -487,8 +500,10 @@ class ModelEvaluation:
 def evaluate_refusals(model: LoadedModel, prompt_sets: dict[str, PromptSet], *,
                       judge: Judge | None = None, generation: GenerationConfig = GenerationConfig(),
                       interventions: Sequence[Intervention] = (),
-                      progress: Callable[[int], None] | None = None) -> tuple[dict, dict, dict]:
-    """Generate on each prompt set and judge refusals; returns (rates, whole-text rates, records)."""
+                      progress: Callable[[int], None] | None = None,
+                      parallel: bool = False) -> tuple[dict, dict, dict]:
+    """Generate on each prompt set and judge refusals; returns (rates, whole-text rates, records).
+    `parallel` is passed to `generate`."""
     judge = judge or RefusalPhraseJudge()
     whole_judge = RefusalPhraseJudge(view="whole")
     rates, whole_rates, records = {}, {}, {}
@@ -496,7 +511,7 @@ def evaluate_refusals(model: LoadedModel, prompt_sets: dict[str, PromptSet], *,
         responses = generate(model, prompt_set, max_new_tokens=generation.max_new_tokens,
                              batch_size=generation.batch_size, system_prompt=generation.system_prompt,
                              response_prefix=generation.response_prefix, interventions=interventions,
-                             progress=progress)
+                             progress=progress, parallel=parallel)
         refused = judge.judge(prompt_set.texts, responses)
         refused_whole = whole_judge.judge(prompt_set.texts, responses)
         rates[name] = sum(refused) / len(refused)
@@ -509,13 +524,15 @@ def evaluate_refusals(model: LoadedModel, prompt_sets: dict[str, PromptSet], *,
 def evaluate_capability(model: LoadedModel, problems: PromptSet, *,
                         generation: GenerationConfig = GenerationConfig(),
                         interventions: Sequence[Intervention] = (),
-                        progress: Callable[[int], None] | None = None) -> tuple[float, list[dict]]:
-    """Accuracy on capability problems with checkable answers, and per-problem records."""
+                        progress: Callable[[int], None] | None = None,
+                        parallel: bool = False) -> tuple[float, list[dict]]:
+    """Accuracy on capability problems with checkable answers, and per-problem records.
+    `parallel` is passed to `generate`."""
     if any(prompt.problem is None for prompt in problems):
         raise ConfigError("capability accuracy needs capability prompts with answers (bundled capability set)")
     responses = generate(model, problems, max_new_tokens=generation.capability_max_new_tokens,
                          batch_size=generation.batch_size, system_prompt=generation.system_prompt,
-                         interventions=interventions, progress=progress)
+                         interventions=interventions, progress=progress, parallel=parallel)
     correct = [is_correct(response, prompt.problem) for prompt, response in zip(problems, responses)]
     records = [{"id": prompt.id, "response": response, "answer": prompt.problem.answer, "correct": flag}
                for prompt, response, flag in zip(problems, responses, correct)]
@@ -525,14 +542,30 @@ def evaluate_capability(model: LoadedModel, problems: PromptSet, *,
 def evaluate_model(model: LoadedModel, refusal_sets: dict[str, PromptSet], capability: PromptSet | None, *,
                    judge: Judge | None = None, generation: GenerationConfig = GenerationConfig(),
                    interventions: Sequence[Intervention] = (), name: str | None = None,
-                   progress: Callable[[int], None] | None = None) -> ModelEvaluation:
-    """Refusal rate on every set in `refusal_sets` and capability accuracy on `capability`."""
-    rates, whole_rates, records = evaluate_refusals(model, refusal_sets, judge=judge, generation=generation,
-                                                    interventions=interventions, progress=progress)
-    accuracy = None
-    if capability is not None:
-        accuracy, records["capability"] = evaluate_capability(model, capability, generation=generation,
-                                                              interventions=interventions, progress=progress)
+                   progress: Callable[[int], None] | None = None, parallel: bool = False) -> ModelEvaluation:
+    """Refusal rate on every set in `refusal_sets` and capability accuracy on `capability`.
+
+    With `parallel` on CPU, the capability problems are generated in a forked process while the
+    refusal sets are generated here (see `parallel.side_job`). Without capability problems, half of
+    the generation batches are forked instead (see `generate`).
+    """
+    if capability is None:
+        rates, whole_rates, records = evaluate_refusals(model, refusal_sets, judge=judge, generation=generation,
+                                                        interventions=interventions, progress=progress,
+                                                        parallel=parallel)
+        return ModelEvaluation(model=name or model.name, refusal_rate=rates, refusal_rate_whole_text=whole_rates,
+                               capability_accuracy=None, records=records)
+
+    def capability_job(progress: ProgressFactory) -> tuple[float, list[dict]]:
+        with progress("capability problems", len(capability)) as advance:
+            return evaluate_capability(model, capability, generation=generation, interventions=interventions,
+                                       progress=advance, parallel=parallel)
+
+    with side_job(capability_job, "capability problems", progress=into_bar(progress), enabled=parallel) as job:
+        rates, whole_rates, records = evaluate_refusals(model, refusal_sets, judge=judge, generation=generation,
+                                                        interventions=interventions,
+                                                        progress=job.polling(progress), parallel=parallel)
+        accuracy, records["capability"] = job.result()
     return ModelEvaluation(model=name or model.name, refusal_rate=rates, refusal_rate_whole_text=whole_rates,
                            capability_accuracy=accuracy, records=records)
 

@@ -146,13 +146,16 @@ def evaluate_with_kl(model: LoadedModel, post: LoadedModel, prompts: EvalPrompts
                      generation: GenerationConfig, post_evaluation: ModelEvaluation | None, *, name: str,
                      interventions: Sequence[Intervention] = (), judge: Judge | None = None,
                      kl_prompts: int = 48, progress: ProgressFactory = no_progress,
-                     reference_cache: dict | None = None) -> ModelEvaluation:
+                     reference_cache: dict | None = None, parallel: bool = False,
+                     capability: bool = True) -> ModelEvaluation:
     """Evaluate a model and add its KL to the post-trained model on harmless prompts (+ P's answers).
-    `reference_cache` keeps the post-trained model's distributions between calls (see `kl_divergence`)."""
-    total = sum(len(prompt_set) for prompt_set in refusal_sets.values()) + len(prompts.capability_test)
+    `reference_cache` keeps the post-trained model's distributions between calls (see `kl_divergence`);
+    `parallel`: see `evaluate_model`; `capability=False` skips the capability problems."""
+    problems = prompts.capability_test if capability else None
+    total = sum(len(prompt_set) for prompt_set in refusal_sets.values()) + (len(problems) if problems else 0)
     with progress(f"generations of {name}", total) as advance:
-        evaluation = evaluate_model(model, refusal_sets, prompts.capability_test, judge=judge, generation=generation,
-                                    interventions=interventions, name=name, progress=advance)
+        evaluation = evaluate_model(model, refusal_sets, problems, judge=judge, generation=generation,
+                                    interventions=interventions, name=name, progress=advance, parallel=parallel)
     harmless = prompts.harmless_test.head(min(kl_prompts, len(prompts.harmless_test)))
     responses = None
     if post_evaluation is not None and "harmless" in post_evaluation.records:

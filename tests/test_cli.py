@@ -188,3 +188,19 @@ def test_run_rejects_overwrite_with_resume(tmp_path, capsys):
     assert main(["run", "--out", str(out), "--overwrite", "--resume"]) == 2
     assert "--overwrite and --resume contradict" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_serial_run_matches_parallel(tiny_model_dir, planted_post_dir, tmp_path):
+    tables = {}
+    for mode in ("parallel", "serial"):
+        out = tmp_path / mode
+        args = ["run", "--base", str(tiny_model_dir), "--post", str(planted_post_dir), "--out", str(out), *FAST,
+                "--patch-prompts", "4", "--steps", "2", "--kl-prompts", "3"]
+        assert main(args + (["--serial"] if mode == "serial" else [])) == 0
+        tables[mode] = json.loads((out / "verification.json").read_text())["models"]
+    assert tables["parallel"].keys() == tables["serial"].keys()
+    # One thread and two can sum in different orders, so values agree up to float rounding.
+    for name, row in tables["serial"].items():
+        for key, value in row.items():
+            expected = value if value is None else pytest.approx(value, rel=1e-3, abs=1e-4)
+            assert tables["parallel"][name][key] == expected, (name, key)
