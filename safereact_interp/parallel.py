@@ -228,7 +228,12 @@ def split_work(work: Callable[[Sequence[Item], Advance], Result], items: Sequenc
 
 
 def _run_child(job: Job, sender, threads: int) -> None:
+    from transformers.utils import logging as transformers_logging
+
     torch.set_num_threads(threads)
+    # Loading bars drawn here would interleave with the parent's bars; the job's own progress goes
+    # to the parent through `forwarded`.
+    transformers_logging.disable_progress_bar()
     keys = itertools.count()
 
     def send(message: tuple) -> None:
