@@ -1,6 +1,6 @@
 """Run independent work in a forked process beside the current one, splitting the CPU threads.
 
-Generation does not keep two threads of one process busy: on 2 CPU cores, two processes with one
+Generation does not keep two threads of one process busy. On 2 CPU cores, two processes with one
 torch thread each generated 1.15 to 1.3 times as many tokens per second as one process with two
 threads (the 135M organism, 100 to 120 prompts). The work is forked after the models are loaded,
 so the child reads their weights (copy on write) without loading them again.
@@ -94,6 +94,9 @@ class SideJob:
                     return
         except EOFError:
             self._outcome = ("crashed", None)
+        except Exception as error:  # a message that does not unpickle here, e.g. an exception class
+            logger.error("could not read a message of the forked process for %s: %r", self.description, error)
+            self._outcome = ("error-text", f"its message could not be read here: {error!r}")
         finally:
             for manager, _ in bars.values():
                 manager.__exit__(None, None, None)
@@ -143,7 +146,8 @@ class SideJob:
             raise SideJobError(f"{self.description} failed in its forked process:\n{value}")
         raise SideJobError(f"the forked process running {self.description} ended without a result (exit code "
                            f"{self._process.exitcode}, negative means killed by that signal, e.g. -9 when out of "
-                           f"memory); rerun with --serial to run every job in one process")
+                           f"memory); rerun with --serial (parallel=False in Python) to run everything in "
+                           f"one process")
 
     def stop(self) -> None:
         """Terminate the child if it still runs and give the threads back."""
@@ -253,6 +257,8 @@ def _run_child(job: Job, sender, threads: int) -> None:
     except BaseException as error:  # every failure, Ctrl-C included, goes back to the parent
         text = traceback.format_exc()
         try:
-            send(("error", (error, text)))
-        except Exception:  # the exception itself cannot be pickled
-            send(("error-text", text))
+            payload = pickle.dumps(("error", (error, text)), protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.loads(payload)  # an exception class with extra constructor arguments fails here
+        except Exception:
+            payload = pickle.dumps(("error-text", text), protocol=pickle.HIGHEST_PROTOCOL)
+        sender.send_bytes(payload)

@@ -653,14 +653,16 @@ def stage_verify(run_dir: str | Path, *, models: tuple[Any, list[Any]] | None = 
 
         if options.baselines:
             # The capability problems of this baseline are generated in the baselines job.
-            refusals = evaluate_with_kl(post, post, prompts, sets, generation, post_evaluation,
-                                        name="activation_addition", interventions=[addition], judge=judge,
-                                        kl_prompts=options.kl_prompts, progress=watched,
-                                        reference_cache=post_distributions, parallel=parallel, capability=False)
+            without_capability = evaluate_with_kl(post, post, prompts, sets, generation, post_evaluation,
+                                                  name="activation_addition", interventions=[addition],
+                                                  judge=judge, kl_prompts=options.kl_prompts, progress=watched,
+                                                  reference_cache=post_distributions, parallel=parallel,
+                                                  capability=False)
             baseline_results = baselines.result()
             accuracy, records = baseline_results["addition_capability"]
-            evaluations["activation_addition"] = replace(refusals, capability_accuracy=accuracy,
-                                                         records={**refusals.records, "capability": records})
+            evaluations["activation_addition"] = replace(without_capability, capability_accuracy=accuracy,
+                                                         records={**without_capability.records,
+                                                                  "capability": records})
             evaluations["refusal_lora"], baselines_info["refusal_lora"] = baseline_results["refusal_lora"]
 
     positions = tuple(repair_info.get("positions") or _patch_positions(options, base.tokenizer))

@@ -546,8 +546,8 @@ def evaluate_model(model: LoadedModel, refusal_sets: dict[str, PromptSet], capab
     """Refusal rate on every set in `refusal_sets` and capability accuracy on `capability`.
 
     With `parallel` on CPU, the capability problems are generated in a forked process while the
-    refusal sets are generated here (see `parallel.side_job`). Without capability problems, half of
-    the generation batches are forked instead (see `generate`).
+    refusal sets are generated here (see `parallel.side_job`). Without capability problems, every
+    second generation batch of a set is forked instead (see `generate`).
     """
     if capability is None:
         rates, whole_rates, records = evaluate_refusals(model, refusal_sets, judge=judge, generation=generation,

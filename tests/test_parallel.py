@@ -77,6 +77,22 @@ def test_child_error_reraised():
     assert "in failing" in str(caught.value.__cause__)
 
 
+class TwoArgumentError(Exception):
+    def __init__(self, value, fix):
+        super().__init__(f"invalid value {value}; {fix}")
+
+
+def failing_oddly(progress):
+    raise TwoArgumentError(7, "pass 3")
+
+
+@needs_fork
+def test_unpicklable_error_keeps_traceback():
+    with pytest.raises(SideJobError, match="TwoArgumentError: invalid value 7"):
+        with side_job(failing_oddly, "odd job") as job:
+            job.result()
+
+
 def killed(progress):
     os.kill(os.getpid(), signal.SIGKILL)
 
