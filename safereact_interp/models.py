@@ -11,6 +11,7 @@ parameter names first; exports and LoRA adapters are written under those names.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -262,6 +263,39 @@ def _clear_gguf_quantization(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Let one load of a GGUF file parse its header and build gguf's tensor-name table only once.
+
+    transformers reads a GGUF file three times (config, tokenizer, weights), each time with a new
+    `gguf.GGUFReader` that walks every metadata field in Python (the tokenizer's vocabulary makes
+    that seconds per read), and builds gguf's name table anew for every submodule. Inside this
+    context both are memoised; the readers and tables are only read from.
+    """
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, Any] = {}
+    tables: dict[tuple, Any] = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_class(path, *args, **kwargs)
+        return readers[key]
+
+    def table(arch, n_blocks):
+        if (arch, n_blocks) not in tables:
+            tables[arch, n_blocks] = name_map(arch, n_blocks)
+        return tables[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, table
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def load_hf_model(
     spec: str,
     *,
@@ -287,10 +321,11 @@ def load_hf_model(
         kwargs["gguf_file"] = source.gguf_file
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=torch_dtype, device_map=device_map, **kwargs
-        )
+        with _gguf_parsed_once() if source.kind == "gguf" else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.location, dtype=torch_dtype, device_map=device_map, **kwargs
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         hint = ""
         if source.kind == "hub":

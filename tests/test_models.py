@@ -108,3 +108,28 @@ def test_fused_attention_outside_eager_block(tiny_model):
     assert tiny_model.hf_model.config._attn_implementation == "sdpa"
     assert len(patterns) == 1
     assert torch.allclose(fused, eager, atol=1e-5)
+
+
+def test_gguf_file_parsed_once_per_load(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from safereact_interp.models import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    original = gguf.GGUFReader
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(path) is not first
+    assert np.array_equal(np.asarray(first.tensors[0].data).reshape(3, 4), np.arange(12).reshape(3, 4))

@@ -49,3 +49,17 @@ def test_export_reloads(organism, tmp_path):
         # The export merges the safety LoRA into the weights. Float32 rounding of W + BA differs from
         # computing the two paths apart by about 1e-5 of the logit scale.
         assert torch.allclose(reloaded(ids).logits, organism.base.hf_model(ids).logits, atol=2e-3)
+
+
+def test_weights_equal_the_gguf_file(organism):
+    """The organism loads through the GGUF path that parses the file once; its embedding (no adapter
+    touches it) equals the file's tensor dequantized by gguf itself."""
+    import gguf
+
+    from safereact_interp.organism import gguf_path
+
+    reader = gguf.GGUFReader(gguf_path())
+    tensor = next(tensor for tensor in reader.tensors if tensor.name == "token_embd.weight")
+    expected = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy()).float()
+    actual = organism.base.hf_model.get_input_embeddings().weight.detach().float()
+    assert torch.equal(actual, expected.reshape(actual.shape))
