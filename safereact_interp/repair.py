@@ -40,7 +40,7 @@ from .errors import ConfigError, RunFolderError
 from .models import LoadedModel, load_unwrapped, wrap_model
 from .prompts import PromptSet, left_pad, length_sorted_batches, shared_prefix_length, split_shared_prefix
 from .training import (FrozenPrefix, LoraSettings, add_lora, count_parameters, frozen_prefix, lora_parameters,
-                       pad_hidden, prefix_cache, save_adapter, shortcut_matches, start_at_layer)
+                       pack_sequences, pad_hidden, prefix_cache, save_adapter, shortcut_matches, start_at_layer)
 
 logger = logging.getLogger(__name__)
 
@@ -201,21 +201,25 @@ def _forward(model: LoadedModel, sequences: list[list[int]], layers: Sequence[in
         return captured, logits, mask
 
     shared = prefix.ids.shape[1]
-    _, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(sequences, shared, pad_id))
+    # The padded mask tells the losses which columns are real; the pass itself runs packed.
+    _, _, mask, _ = split_shared_prefix(sequences, shared, pad_id)
+    packed = pack_sequences([sequence[shared:] for sequence in sequences], shared, dtype=model.hf_model.dtype,
+                            device=device)
     in_prefix: dict[int, Tensor] = {}
     in_rest: dict[int, Tensor] = {}
     with model.bridge.hooks(fwd_hooks=_capturing(layers, in_prefix)):
-        cache = prefix_cache(model.hf_model, prefix, len(sequences))
-    rest = pad_hidden([values[shared:] for values in entering], ids.shape[1]).to(device)
+        cache = prefix_cache(model.hf_model, prefix, 1)
+    rest = packed.concat([values[shared:] for values in entering]).to(device)
     with start_at_layer(model.hf_model, first, rest), model.bridge.hooks(fwd_hooks=_capturing(layers, in_rest)):
         try:
-            model.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1)
+            model.hf_model(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
         except StopAtLayerException:
             pass
-    captured = {layer: torch.cat([in_prefix[layer].expand(len(sequences), -1, -1), in_rest[layer]], dim=1)
+    captured = {layer: torch.cat([in_prefix[layer].expand(len(sequences), -1, -1), packed.unpack(in_rest[layer])],
+                                 dim=1)
                 for layer in layers}
-    return captured, None, mask
+    return captured, None, mask.to(device)
 
 
 def _capturing(layers: Sequence[int], into: dict[int, Tensor]) -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,8 +150,21 @@ def _original(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+_found_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def decoder_layers(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Find the transformer blocks of a HF causal LM (under peft and bridge wrappers), in order."""
+    """Find the transformer blocks of a HF causal LM (under peft and bridge wrappers), in order.
+
+    The search walks every module, so its result is kept per model: training calls this every step.
+    """
+    found = _found_layers.get(hf_model)
+    if found is None:
+        found = _found_layers[hf_model] = _search_decoder_layers(hf_model)
+    return found
+
+
+def _search_decoder_layers(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
     config = getattr(hf_model, "config", None)
     count = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", None)
     lists = [module for module in hf_model.modules()
@@ -336,6 +350,50 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              targets.reshape(-1), ignore_index=-100)
 
 
+@dataclass(frozen=True)
+class PackedBatch:
+    """Several sequences' tokens after a shared prefix, laid end to end in one row without padding.
+
+    `mask` lets each token attend to the prefix and to the earlier tokens of its own sequence only,
+    and `positions` count from the end of the prefix in every sequence, so each sequence computes
+    what it would alone. Training steps use it because padding to the longest sequence of a batch
+    costs as much compute as real tokens."""
+
+    ids: torch.Tensor  # [1, total]
+    positions: torch.Tensor  # [1, total]
+    mask: torch.Tensor  # [1, 1, total, prefix + total], 0 where attended and the dtype's minimum elsewhere
+    lengths: tuple[int, ...]
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Return the rows of a packed [1, total, ...] tensor left-padded with zeros to [batch, longest, ...]."""
+        width = max(self.lengths)
+        rows = []
+        for values in packed[0].split(list(self.lengths)):
+            padding = [0, 0] * (values.dim() - 1) + [width - len(values), 0]
+            rows.append(torch.nn.functional.pad(values, padding))
+        return torch.stack(rows)
+
+    def concat(self, per_sequence: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Lay per-sequence tensors ([length, ...] each, in batch order) end to end as [1, total, ...]."""
+        return torch.cat(list(per_sequence))[None]
+
+
+def pack_sequences(rests: Sequence[Sequence[int]], shared: int, *, dtype: torch.dtype,
+                   device: torch.device | str = "cpu") -> PackedBatch:
+    """Pack the token lists `rests` (each sequence without its first `shared` tokens) into one row."""
+    lengths = tuple(len(rest) for rest in rests)
+    if not lengths or min(lengths) < 1:
+        raise ConfigError("every packed sequence needs at least one token after the shared prefix")
+    ids = torch.tensor([[token for rest in rests for token in rest]], dtype=torch.long, device=device)
+    within = torch.cat([torch.arange(length) for length in lengths])
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    visible = (segment[:, None] == segment[None, :]) & (within[:, None] >= within[None, :])
+    visible = torch.cat([torch.ones(len(within), shared, dtype=torch.bool), visible], dim=1)
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    return PackedBatch(ids=ids, positions=(within + shared)[None].to(device), mask=mask[None, None].to(device),
+                       lengths=lengths)
+
+
 @dataclass
 class FrozenPrefix:
     """A token prefix that every training sequence shares, with what the frozen blocks below
@@ -405,8 +463,9 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     """Fine-tune the LoRA weights with cross-entropy on the response tokens.
 
     Batches are drawn by a seeded shuffle that cycles through the examples; the learning rate
-    decays linearly to zero over `steps`. Each step runs the chat template's prefix, which every
-    example shares, once, and computes logits only where responses are. `frozen_below` > 0 means
+    decays linearly to zero over `steps`. Each step packs its examples into one row without padding
+    (see `PackedBatch`), runs the chat template's prefix, which every example shares, once, and
+    computes logits only where responses are. `frozen_below` > 0 means
     that the blocks below it carry no adapter: their output is computed once per example and each
     step starts there (see `start_at_layer`). The first step checks these shortcuts against a
     plain forward pass and drops them if the loss differs.
@@ -442,6 +501,7 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
     if shared:
         prefix = frozen_prefix(peft_model, sequences[0][:shared], frozen_below if hidden is not None else 0)
     shortcut = True
+    dtype = peft_model.get_input_embeddings().weight.dtype
     peft_model.train()
     for step in range(steps):
         if len(order) < batch_size:
@@ -459,24 +519,25 @@ def train_sft(peft_model, tokenizer, examples: Sequence[SFTExample], *, steps: i
                 logits = peft_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                     position_ids=positions.to(device), logits_to_keep=logits_needed(labels)).logits
                 return response_loss(logits, labels)
-            _, ids, mask, positions = (tensor.to(device) for tensor in split_shared_prefix(
-                [sequences[index] for index in rows], shared, pad_id))
-            labels = left_pad_labels([items[index][1][shared:] for index in rows]).to(device)
-            cache = prefix_cache(peft_model, prefix, len(rows)) if prefix is not None else None
+            packed = pack_sequences([sequences[index][shared:] for index in rows], shared, dtype=dtype, device=device)
+            # Token t of a sequence predicts its token t + 1, so the last one of each predicts nothing.
+            targets = torch.cat([torch.tensor(items[index][1][shared + 1:] + [-100]) for index in rows]).to(device)
+            scored = (targets != -100).nonzero().squeeze(-1)
+            cache = prefix_cache(peft_model, prefix, 1) if prefix is not None else None
             context = nullcontext()
             if hidden is not None:
                 context = start_at_layer(peft_model, frozen_below,
-                                         pad_hidden([hidden[index][shared:] for index in rows], ids.shape[1]))
+                                         packed.concat([hidden[index][shared:] for index in rows]).to(device))
             with context:
-                logits = peft_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                    use_cache=cache is not None, logits_to_keep=logits_needed(labels)).logits
-            return response_loss(logits, labels)
+                logits = peft_model(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+                                    past_key_values=cache, use_cache=cache is not None, logits_to_keep=scored).logits
+            return torch.nn.functional.cross_entropy(logits[0].float(), targets[scored])
 
-        if step == 0 and (shared or hidden is not None) and not shortcut_matches(forward, lambda value: value):
-            logger.info("the shared prefix or the start at block %d does not reproduce the full pass of this "
-                        "model; training with full passes", frozen_below)
+        if step == 0 and not shortcut_matches(forward, lambda value: value):
+            logger.info("the packed batch, the shared prefix or the start at block %d does not reproduce the full "
+                        "pass of this model; training with full passes", frozen_below)
             shortcut = False
-        loss = forward(shortcut and (shared > 0 or hidden is not None))
+        loss = forward(shortcut)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()

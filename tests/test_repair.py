@@ -226,3 +226,29 @@ def test_sft_first_loss_matches_plain_loss(planted_post_dir, caplog):
         first = train_sft(model, tokenizer, examples, steps=1, batch_size=4, frozen_below=2).losses[0]
     assert first == pytest.approx(expected, abs=1e-5)
     assert "full passes" not in caplog.text
+
+
+def test_packed_batch_computes_each_sequence_alone(planted_post_dir):
+    """Sequences laid end to end in one row, after a shared prefix, give what each gives alone."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from safereact_interp.training import pack_sequences, prefix_cache
+
+    model = AutoModelForCausalLM.from_pretrained(planted_post_dir).eval()
+    prefix, rests = [3, 8, 13], [[21, 34], [55, 89, 144, 233], [7]]
+    packed = pack_sequences(rests, len(prefix), dtype=torch.float32)
+    assert packed.lengths == (2, 4, 1) and packed.ids.tolist() == [[21, 34, 55, 89, 144, 233, 7]]
+    assert packed.positions.tolist() == [[3, 4, 3, 4, 5, 6, 3]]
+    with torch.no_grad():
+        cache = prefix_cache(model, torch.tensor([prefix]), 1)
+        logits = model(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+                       past_key_values=cache, use_cache=True).logits
+        rows = packed.unpack(logits)
+        for row, rest in enumerate(rests):
+            alone = model(input_ids=torch.tensor([prefix + rest]), past_key_values=DynamicCache()).logits[0, len(prefix):]
+            assert torch.allclose(rows[row, rows.shape[1] - len(rest):], alone, atol=1e-5)
+            assert torch.all(rows[row, :rows.shape[1] - len(rest)] == 0)  # left padding
+    values = [torch.randn(length, 5) for length in packed.lengths]
+    assert torch.equal(packed.unpack(packed.concat(values))[1], values[1])
+    with pytest.raises(ConfigError, match="at least one token"):
+        pack_sequences([[1], []], 2, dtype=torch.float32)
