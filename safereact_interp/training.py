@@ -156,7 +156,7 @@ _found_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decoder_layers(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
     """Find the transformer blocks of a HF causal LM (under peft and bridge wrappers), in order.
 
-    The search walks every module, so its result is kept per model: training calls this every step.
+    The search walks every module, and training calls this every step, so the result is cached per model.
     """
     found = _found_layers.get(hf_model)
     if found is None:

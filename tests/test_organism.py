@@ -52,8 +52,8 @@ def test_export_reloads(organism, tmp_path):
 
 
 def test_weights_equal_the_gguf_file(organism):
-    """The organism loads through the GGUF path that parses the file once; its embedding (no adapter
-    touches it) equals the file's tensor dequantized by gguf itself."""
+    """The organism loads through the GGUF path that parses the file once. Its embedding, which no
+    adapter touches, must equal the file's tensor as gguf itself dequantizes it."""
     import gguf
 
     from safereact_interp.organism import gguf_path
