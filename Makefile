@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ADVBENCH ?= ../shared/data/advbench.csv
 DEMO_OUT ?= runs/demo
-# Shorter generations than the CLI defaults: the demo took about 15 minutes on 2 CPU cores with these.
+# Shorter generations than the CLI defaults: the demo took 13 to 14.5 minutes on 2 CPU cores with these.
 DEMO_FLAGS ?= --max-new-tokens 16 --capability-max-new-tokens 80
 EXTRA := $(if $(wildcard $(ADVBENCH)),--extra-harmful $(ADVBENCH),)
 
