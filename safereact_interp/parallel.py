@@ -20,6 +20,7 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import signal
 import sys
 import threading
 import traceback
@@ -234,6 +235,9 @@ def split_work(work: Callable[[Sequence[Item], Advance], Result], items: Sequenc
 def _run_child(job: Job, sender, threads: int) -> None:
     from transformers.utils import logging as transformers_logging
 
+    # `stop()` ends the child with SIGTERM, which should kill it at once, even where the parent
+    # turned SIGTERM into an exception.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(threads)
     # Loading bars drawn here would interleave with the parent's bars; the job's own progress goes
     # to the parent through `forwarded`.

@@ -204,3 +204,23 @@ def test_serial_run_matches_parallel(tiny_model_dir, planted_post_dir, tmp_path)
         for key, value in row.items():
             expected = value if value is None else pytest.approx(value, rel=1e-3, abs=1e-4)
             assert tables["parallel"][name][key] == expected, (name, key)
+
+
+def test_sigterm_removes_staging_folder(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from safereact_interp import pipeline
+
+    def terminated_midway(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(pipeline, "diagnose", terminated_midway)
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(diagnose_args(tiny_model_dir, tiny_model_dir, out)) == 143
+    assert "terminated" in capsys.readouterr().err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging folder left beside it
+    assert signal.getsignal(signal.SIGTERM) == handler
