@@ -201,7 +201,7 @@ def _forward(model: LoadedModel, sequences: list[list[int]], layers: Sequence[in
         return captured, logits, mask
 
     shared = prefix.ids.shape[1]
-    # The padded mask tells the losses which columns are real; the pass itself runs packed.
+    # The losses read the real columns from the padded mask, so it is built even though the pass runs packed.
     _, _, mask, _ = split_shared_prefix(sequences, shared, pad_id)
     packed = pack_sequences([sequence[shared:] for sequence in sequences], shared, dtype=model.hf_model.dtype,
                             device=device)

@@ -365,7 +365,8 @@ class PackedBatch:
     lengths: tuple[int, ...]
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """Return the rows of a packed [1, total, ...] tensor left-padded with zeros to [batch, longest, ...]."""
+        """Split a packed [1, total, ...] tensor into its sequences, left-padded with zeros to
+        [batch, max length, ...]."""
         width = max(self.lengths)
         rows = []
         for values in packed[0].split(list(self.lengths)):

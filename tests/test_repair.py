@@ -237,7 +237,8 @@ def test_packed_batch_computes_each_sequence_alone(planted_post_dir):
     model = AutoModelForCausalLM.from_pretrained(planted_post_dir).eval()
     prefix, rests = [3, 8, 13], [[21, 34], [55, 89, 144, 233], [7]]
     packed = pack_sequences(rests, len(prefix), dtype=torch.float32)
-    assert packed.lengths == (2, 4, 1) and packed.ids.tolist() == [[21, 34, 55, 89, 144, 233, 7]]
+    assert packed.lengths == (2, 4, 1)
+    assert packed.ids.tolist() == [[21, 34, 55, 89, 144, 233, 7]]
     assert packed.positions.tolist() == [[3, 4, 3, 4, 5, 6, 3]]
     with torch.no_grad():
         cache = prefix_cache(model, torch.tensor([prefix]), 1)
